@@ -1,0 +1,189 @@
+"""Assembles the running proxy: one ClientSession, the token cache and its refresher, the
+proxy listener and the admin listener; and how they start, reload and stop.
+
+The proxy listener is aiohttp's low-level `web.Server` with the forwarder as its only
+handler: a proxy has no routes, and the router would answer `CONNECT host:port` with 404
+before any handler could refuse it properly. The admin listener is an ordinary
+`web.Application`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+from collections.abc import Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy import admin
+from proxy.config import Address, Settings, read_secret_file
+from proxy.forward import Forwarder
+from proxy.logs import Redactor
+from proxy.metrics import Stats
+from proxy.ndovu import NdovuAuth
+from proxy.tokens import Clock, TokenCache
+
+log = structlog.get_logger("proxy.app")
+
+USER_AGENT = "ndovu-proxy"
+#: headers aiohttp's client would add on its own; a transparent proxy must not invent them
+#: (an invented Accept-Encoding would get the app a compressed body it never asked for)
+NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+#: extra time, past shutdown_timeout, for cancelled handlers to unwind
+SHUTDOWN_GRACE = 2.0
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    up = settings.upstream
+    tls: ssl.SSLContext | bool = True
+    if not up.tls_verify:
+        tls = False
+    elif up.ca_file:
+        tls = ssl.create_default_context(cafile=up.ca_file)
+    connector = aiohttp.TCPConnector(limit=up.max_connections, limit_per_host=0, ssl=tls, ttl_dns_cache=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.read_timeout),
+        auto_decompress=False,  # Content-Encoding passes through untouched
+        cookie_jar=aiohttp.DummyCookieJar(),  # one app's cookies must never reach another's request
+        skip_auto_headers=NO_AUTO_HEADERS,
+    )
+
+
+def secret_reader(settings: Settings, redactor: Redactor) -> Callable[[], str]:
+    """The client secret, read again at every token request when it lives in a file."""
+    auth = settings.auth
+    if auth.client_secret_file is not None:
+        path = auth.client_secret_file
+
+        def from_file() -> str:
+            value = read_secret_file(path)
+            redactor.add(value)
+            return value
+
+        return from_file
+    assert auth.client_secret is not None
+    value = auth.client_secret.reveal()
+    redactor.add(value)
+    return lambda: value
+
+
+class Proxy:
+    """The proxy as one object: `start()`, `reload()`, `stop()`."""
+
+    def __init__(self, settings: Settings, *, redactor: Redactor | None = None, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.redactor = redactor or Redactor()
+        self._clock = clock
+        self.stats = Stats()
+        self.session: aiohttp.ClientSession | None = None
+        self.tokens: TokenCache | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._runners: list[web.BaseRunner] = []
+        self.address: Address | None = None
+        self.admin_address: Address | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.forwarding.inbound_token is not None:
+            self.redactor.add(s.forwarding.inbound_token.reveal())
+        self.session = make_session(s)
+        source = NdovuAuth(
+            self.session, s.auth.token_url, s.auth.client_id, secret_reader(s, self.redactor),
+            timeout=s.auth.timeout, user_agent=USER_AGENT,
+        )
+        self.tokens = TokenCache(
+            source,
+            refresh_margin=s.auth.refresh_margin,
+            timeout=s.auth.timeout,
+            backoff_initial=s.auth.backoff_initial,
+            backoff_max=s.auth.backoff_max,
+            clock=self._clock,
+            on_token=lambda t: self.redactor.add(t.value),
+        )
+        # the first token is fetched in the background: the proxy listens at once
+        self._refresher = asyncio.create_task(self.tokens.run(), name="token-refresher")
+        forwarder = Forwarder(s, self.session, self.tokens, self.stats)
+        server = web.Server(forwarder, handler_cancellation=True, access_log=None)
+        # aiohttp reads a shutdown_timeout of 0 as "no limit"; keep it a real bound
+        drain = max(s.shutdown_timeout, 0.001)
+        self.address = await self._listen(web.ServerRunner(server, shutdown_timeout=drain), s.listen)
+        if s.admin_listen is not None:
+            admin_app = admin.make_app(self.tokens, self.stats)
+            self.admin_address = await self._listen(
+                web.AppRunner(admin_app, access_log=None, shutdown_timeout=1), s.admin_listen
+            )
+        log.info(
+            "listening",
+            address=str(self.address),
+            admin_address=str(self.admin_address) if self.admin_address else None,
+            upstream=s.upstream.url,
+        )
+
+    async def _listen(self, runner: web.BaseRunner, where: Address) -> Address:
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, where.host, where.port, reuse_address=True)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return Address(host, port)
+
+    async def reload(self) -> None:
+        """SIGHUP: a token with the credentials as they now stand; the current one stays on failure."""
+        assert self.tokens is not None
+        log.info("reload", action="fetching a token with the current credentials")
+        try:
+            token = await self.tokens.refresh_now()
+        except Exception as exc:  # noqa: BLE001 - already logged as token_refresh_failed
+            log.error("reload_failed", reason=getattr(exc, "kind", type(exc).__name__))
+        else:
+            log.info("reload_done", generation=token.generation)
+
+    async def stop(self) -> None:
+        """Close the listeners at once, drain in-flight requests up to shutdown_timeout, then
+        cut what is left."""
+        in_flight = self.stats.in_flight
+        log.info("shutting_down", in_flight=in_flight, drain_timeout_s=self.settings.shutdown_timeout)
+        for runner in self._runners:  # the proxy listener first; the admin one answers meanwhile
+            # stops the listener first, then waits for handlers up to the runner's bound
+            try:
+                await asyncio.wait_for(runner.cleanup(), self.settings.shutdown_timeout + SHUTDOWN_GRACE)
+            except TimeoutError:
+                log.warning("shutdown_cut", reason="handlers still running past shutdown_timeout")
+        self._runners.clear()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self.session is not None:
+            await self.session.close()
+        log.info("stopped", drained=in_flight)
+
+
+async def serve(proxy: Proxy, *, started: Callable[[Proxy], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the token."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(proxy.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await proxy.start()
+        if started is not None:
+            started(proxy)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await proxy.stop()

@@ -1,0 +1,233 @@
+"""The command line: serve, check, demo, mock-upstream. The only place that reads argv,
+the environment (handing it to proxy.config) or exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy import config, logs, mock
+from proxy.app import USER_AGENT, Proxy, make_session, secret_reader, serve
+from proxy.errors import AuthError, ConfigError, CredentialsRejected
+from proxy.ndovu import NdovuAuth
+
+EXIT_OK, EXIT_CONFIG, EXIT_REJECTED, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+DESCRIPTION = """\
+A local reverse proxy for the Ndovu Partner API. Apps send plain HTTP requests to it; it
+attaches a cached bearer token, forwards to the partner API, streams the answer back and
+retries once when the API answers 401."""
+
+ENV_HELP = """\
+environment: NDOVU_CLIENT_ID, NDOVU_CLIENT_SECRET, NDOVU_CLIENT_SECRET_FILE, NDOVU_UPSTREAM_URL,
+NDOVU_PROXY_CONFIG, NDOVU_PROXY_LISTEN, NDOVU_PROXY_ADMIN_LISTEN, NDOVU_PROXY_LOG_LEVEL,
+NDOVU_PROXY_LOG_FORMAT. Precedence: flags, environment, config file, defaults."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ndovu-proxy", description=DESCRIPTION, epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the proxy", epilog=ENV_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="PATH", help="YAML config file (env NDOVU_PROXY_CONFIG)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="where apps send requests (default 127.0.0.1:8080)")
+    p.add_argument("--admin-listen", metavar="HOST:PORT",
+                   help="/healthz /readyz /metrics /tokenz (default 127.0.0.1:9901; 'off' turns it off)")
+    p.add_argument("--upstream", metavar="URL", help="the partner API's base URL")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", choices=("json", "console", "auto"))
+
+    p = sub.add_parser("check", help="validate the config and fetch one token (never printed)",
+                       description="Exit codes: 0 a token was obtained, 1 invalid config, "
+                       "2 credentials rejected (401/400), 3 auth endpoint unreachable or answered badly.")
+    p.add_argument("--config", metavar="PATH", help="YAML config file (env NDOVU_PROXY_CONFIG)")
+
+    p = sub.add_parser("demo", help="the proxy in front of an embedded fake Ndovu API; no credentials needed")
+    p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    p.add_argument("--admin-listen", metavar="HOST:PORT", help="off unless given")
+
+    p = sub.add_parser("mock-upstream", help="a fake Ndovu Partner API for your app's tests")
+    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8081", help="default 127.0.0.1:8081")
+    p.add_argument("--client-id", default=mock.DEMO_CLIENT_ID, help=f"accepted client id (default {mock.DEMO_CLIENT_ID})")
+    p.add_argument("--client-secret", default=mock.DEMO_CLIENT_SECRET,
+                   help=f"accepted raw client secret (default {mock.DEMO_CLIENT_SECRET})")
+    p.add_argument("--token-ttl", type=float, default=3600, metavar="S", help="token lifetime in seconds (default 3600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args, os.environ)
+        if args.command == "check":
+            return cmd_check(args, os.environ)
+        if args.command == "demo":
+            return cmd_demo(args, os.environ)
+        return cmd_mock(args)
+    except ConfigError as exc:
+        print(f"ndovu-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop when it is installed (the `fast` extra), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _start_logging(settings: config.Settings) -> logs.Redactor:
+    return logs.configure(settings.logging.level, settings.logging.format)
+
+
+def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    settings = config.load(
+        {
+            "config": args.config,
+            "listen": args.listen,
+            "admin_listen": args.admin_listen,
+            "upstream.url": args.upstream,
+            "logging.level": args.log_level,
+            "logging.format": args.log_format,
+        },
+        environ,
+    )
+    redactor = _start_logging(settings)
+    return _serve(Proxy(settings, redactor=redactor))
+
+
+def _serve(proxy: Proxy) -> int:
+    try:
+        _run(serve(proxy))
+    except OSError as exc:  # the port is taken, or the address is not ours
+        print(f"ndovu-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    settings = config.load({"config": args.config, "logging.level": "warning"}, environ)
+    redactor = _start_logging(settings)
+    print(f"config:   OK ({settings.config_file or 'no file; environment and defaults'})")
+    print(f"auth:     POST {settings.auth.token_url} as client {settings.auth.client_id!r}")
+    return int(_run(_check(settings, redactor)))
+
+
+async def _check(settings: config.Settings, redactor: logs.Redactor) -> int:
+    async with make_session(settings) as session:
+        source = NdovuAuth(
+            session, settings.auth.token_url, settings.auth.client_id, secret_reader(settings, redactor),
+            timeout=settings.auth.timeout, user_agent=USER_AGENT,
+        )
+        try:
+            grant = await asyncio.wait_for(source.fetch(), settings.auth.timeout)
+        except TimeoutError:
+            print(f"token:    FAILED: no answer within auth.timeout ({settings.auth.timeout:g}s)")
+            return EXIT_UNREACHABLE
+        except CredentialsRejected as exc:
+            print(f"token:    FAILED: {exc.detail}\nhint:     {exc.hint}")
+            return EXIT_REJECTED
+        except AuthError as exc:
+            print(f"token:    FAILED: {exc.detail} ({exc.kind})")
+            return EXIT_UNREACHABLE
+    redactor.add(grant.value)
+    print(f"token:    OK, lifetime {grant.lifetime:.0f} s (the token itself is never shown)")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    keep = {"NDOVU_PROXY_LISTEN", "NDOVU_PROXY_LOG_LEVEL", "NDOVU_PROXY_LOG_FORMAT"}
+    env = {k: v for k, v in environ.items() if k in keep}
+    fake = mock.MockNdovu()
+    flags = {
+        "listen": args.listen,
+        "admin_listen": args.admin_listen or environ.get("NDOVU_PROXY_ADMIN_LISTEN") or "off",
+        "auth.client_id": fake.client_id,
+        "auth.client_secret": fake.client_secret,
+        "upstream.url": "http://127.0.0.1:1",  # replaced below, once the fake listens
+    }
+    settings = config.load(flags, env)
+    redactor = _start_logging(settings)
+    return int(_run(_demo(fake, flags, env, redactor)))
+
+
+async def _demo(fake: mock.MockNdovu, flags: dict[str, Any], env: Mapping[str, str],
+                redactor: logs.Redactor) -> int:
+    runner = web.AppRunner(fake.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # a free loopback port
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    upstream = f"http://{host}:{port}"
+    settings = config.load({**flags, "upstream.url": upstream}, env)
+    proxy = Proxy(settings, redactor=redactor)
+
+    def started(p: Proxy) -> None:
+        base = f"http://{p.address}"
+        admin = f"\n  curl -s http://{p.admin_address}/tokenz" if p.admin_address else ""
+        print(
+            f"ndovu-proxy demo: the proxy on {base}, in front of a fake Ndovu API on {upstream}\n"
+            f"Try:\n  curl -s {base}/api/v3/partners/products\n"
+            f"  curl -s -X POST -d 'hello' '{base}/api/v3/partners/echo?x=1'{admin}\n"
+            "Ctrl-C stops it. Real credentials: see README.md (check, then serve).",
+            flush=True,
+        )
+
+    try:
+        await serve(proxy, started=started)
+    except OSError as exc:
+        print(f"ndovu-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        await runner.cleanup()
+    return EXIT_OK
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    try:
+        where = config.parse_address(args.listen)
+    except ValueError:
+        raise ConfigError("--listen", f"expected HOST:PORT, got {args.listen!r}") from None
+    if args.token_ttl <= 0:
+        raise ConfigError("--token-ttl", "must be greater than 0")
+    logs.configure("info", "auto")
+    fake = mock.MockNdovu(args.client_id, args.client_secret, args.token_ttl)
+    return int(_run(_mock(fake, where)))
+
+
+async def _mock(fake: mock.MockNdovu, where: config.Address) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(fake.app(), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, where.host, where.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            print(f"ndovu-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        host, port = runner.addresses[0][:2]
+        structlog.get_logger("proxy.mock").info("mock_listening", address=f"{host}:{port}")
+        print(f"fake Ndovu Partner API on http://{config.Address(host, port)}", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return EXIT_OK

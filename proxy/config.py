@@ -1,0 +1,428 @@
+"""One frozen settings object, built once at start-up from four sources.
+
+Highest first: command-line flags, environment, the YAML file, defaults. This module is
+the only reader of `os.environ` and of the config file; the caller passes both in, so
+nothing here runs at import time. Any problem raises `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from proxy.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: environment variable -> dotted key it sets
+ENV_KEYS: Mapping[str, str] = {
+    "NDOVU_CLIENT_ID": "auth.client_id",
+    "NDOVU_CLIENT_SECRET": "auth.client_secret",
+    "NDOVU_CLIENT_SECRET_FILE": "auth.client_secret_file",
+    "NDOVU_UPSTREAM_URL": "upstream.url",
+    "NDOVU_PROXY_LISTEN": "listen",
+    "NDOVU_PROXY_ADMIN_LISTEN": "admin_listen",
+    "NDOVU_PROXY_LOG_LEVEL": "logging.level",
+    "NDOVU_PROXY_LOG_FORMAT": "logging.format",
+}
+CONFIG_ENV = "NDOVU_PROXY_CONFIG"
+
+DEFAULTS: Mapping[str, Any] = {
+    "listen": "127.0.0.1:8080",
+    "admin_listen": "127.0.0.1:9901",
+    "upstream.url": "https://be-dev-1.dev.ndovu.co",
+    "upstream.connect_timeout": 5,
+    "upstream.read_timeout": 60,
+    "upstream.tls_verify": True,
+    "upstream.ca_file": None,
+    "upstream.max_connections": 100,
+    "auth.token_path": "/api/v3/partners/auth",
+    "auth.client_id": None,
+    "auth.client_secret": None,
+    "auth.client_secret_file": None,
+    "auth.refresh_margin": 60,
+    "auth.timeout": 10,
+    "auth.backoff_initial": 1,
+    "auth.backoff_max": 60,
+    "forwarding.retry_on_401": True,
+    "forwarding.replay_buffer_bytes": 1048576,
+    "forwarding.max_body_bytes": 104857600,
+    "forwarding.allowed_paths": ["/api/v3/partners/"],
+    "forwarding.allowed_clients": [],
+    "forwarding.inbound_token": None,
+    "logging.level": "info",
+    "logging.format": "auto",
+    "logging.access_log": True,
+    "shutdown_timeout": 20,
+}
+SECTIONS = frozenset(k.split(".")[0] for k in DEFAULTS if "." in k)
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str  # scheme://host[:port][/base-path], no trailing slash
+    connect_timeout: float
+    read_timeout: float
+    tls_verify: bool
+    ca_file: str | None
+    max_connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    token_url: str  # token_path resolved against upstream.url
+    client_id: str
+    client_secret: Secret | None
+    client_secret_file: str | None  # wins over client_secret; read at every token request
+    refresh_margin: float
+    timeout: float
+    backoff_initial: float
+    backoff_max: float
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingSettings:
+    retry_on_401: bool
+    replay_buffer_bytes: int
+    max_body_bytes: int
+    allowed_paths: tuple[str, ...]  # [] forwards every path
+    allowed_clients: tuple[IPNetwork, ...]  # [] admits everyone who reaches `listen`
+    inbound_token: Secret | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: str
+    format: str  # json | console | auto
+    access_log: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: Address
+    admin_listen: Address | None
+    upstream: UpstreamSettings
+    auth: AuthSettings
+    forwarding: ForwardingSettings
+    logging: LoggingSettings
+    shutdown_timeout: float
+    config_file: str | None = None
+
+
+def load(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Build the settings. `flags` maps dotted keys (and `config`) to values given on the
+    command line; a None value means "not given"."""
+    raw: dict[str, Any] = dict(DEFAULTS)
+    path = flags.get("config") or environ.get(CONFIG_ENV) or None
+    if path:
+        raw.update(_read_file(path, environ))
+    for var, key in ENV_KEYS.items():
+        if environ.get(var):  # an empty variable counts as unset, as compose files pass them
+            raw[key] = environ[var]
+    raw.update({k: v for k, v in flags.items() if k != "config" and v is not None})
+    return _build(raw, config_file=path)
+
+
+def read_secret_file(path: str) -> str:
+    """The secret in `path`, minus one trailing newline (\\n or \\r\\n) and nothing else."""
+    with open(path, encoding="utf-8") as fh:
+        value = fh.read()
+    if value.endswith("\r\n"):
+        return value[:-2]
+    return value[:-1] if value.endswith("\n") else value
+
+
+# --- the file -------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _read_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError("config", f"{path} is not valid YAML{at}") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of settings")
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        key = str(key)
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(key, "must be a mapping")
+            for sub, subvalue in value.items():
+                dotted = f"{key}.{sub}"
+                if dotted not in DEFAULTS:
+                    raise ConfigError(dotted, "unknown key")
+                out[dotted] = _expand(subvalue, environ, dotted)
+        elif key in DEFAULTS:
+            out[key] = _expand(value, environ, key)
+        else:
+            raise ConfigError(key, "unknown key")
+    return out
+
+
+def _expand(value: Any, environ: Mapping[str, str], key: str) -> Any:
+    """`${VAR}` and `${VAR:-default}` in strings; an unset VAR without default is ''."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: environ.get(m[1]) or (m[2] or ""), value)
+    if isinstance(value, list):
+        return [_expand(v, environ, key) for v in value]
+    if isinstance(value, dict):
+        raise ConfigError(key, "expected a value, not a mapping")
+    return value
+
+
+# --- typing and checking ----------------------------------------------------------------
+
+
+def _build(raw: Mapping[str, Any], *, config_file: str | None) -> Settings:
+    upstream_url = _url(raw, "upstream.url")
+    secret_file = _opt_str(raw, "auth.client_secret_file")
+    secret = _opt_str(raw, "auth.client_secret")
+    if secret_file is not None:
+        if not os.access(secret_file, os.R_OK):
+            raise ConfigError("auth.client_secret_file", f"cannot read {secret_file}")
+        secret = None
+    elif secret is None:
+        raise ConfigError(
+            "auth.client_secret", "missing; set NDOVU_CLIENT_SECRET or auth.client_secret_file"
+        )
+    client_id = _opt_str(raw, "auth.client_id")
+    if client_id is None:
+        raise ConfigError("auth.client_id", "missing; set NDOVU_CLIENT_ID")
+    if ":" in client_id:
+        # Basic credentials are id:secret; an id with a colon cannot be told apart (RFC 7617 §2)
+        raise ConfigError("auth.client_id", "must not contain ':'")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in client_id):
+        raise ConfigError("auth.client_id", "must not contain control characters")
+    ca_file = _opt_str(raw, "upstream.ca_file")
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise ConfigError("upstream.ca_file", f"cannot read {ca_file}")
+    backoff_initial = _number(raw, "auth.backoff_initial", positive=True)
+    backoff_max = _number(raw, "auth.backoff_max", positive=True)
+    if backoff_max < backoff_initial:
+        raise ConfigError("auth.backoff_max", "must be at least auth.backoff_initial")
+    inbound = _opt_str(raw, "forwarding.inbound_token")
+    return Settings(
+        listen=_address(raw, "listen"),
+        admin_listen=_opt_address(raw, "admin_listen"),
+        upstream=UpstreamSettings(
+            url=upstream_url,
+            connect_timeout=_number(raw, "upstream.connect_timeout", positive=True),
+            read_timeout=_number(raw, "upstream.read_timeout", positive=True),
+            tls_verify=_bool(raw, "upstream.tls_verify"),
+            ca_file=ca_file,
+            max_connections=int(_number(raw, "upstream.max_connections", positive=True, integer=True)),
+        ),
+        auth=AuthSettings(
+            token_url=_token_url(raw, upstream_url),
+            client_id=client_id,
+            client_secret=Secret(secret) if secret is not None else None,
+            client_secret_file=secret_file,
+            refresh_margin=_number(raw, "auth.refresh_margin"),
+            timeout=_number(raw, "auth.timeout", positive=True),
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        ),
+        forwarding=ForwardingSettings(
+            retry_on_401=_bool(raw, "forwarding.retry_on_401"),
+            replay_buffer_bytes=int(_number(raw, "forwarding.replay_buffer_bytes", integer=True)),
+            max_body_bytes=int(_number(raw, "forwarding.max_body_bytes", integer=True)),
+            allowed_paths=_paths(raw, "forwarding.allowed_paths"),
+            allowed_clients=_networks(raw, "forwarding.allowed_clients"),
+            inbound_token=Secret(inbound) if inbound is not None else None,
+        ),
+        logging=LoggingSettings(
+            level=_choice(raw, "logging.level", ("debug", "info", "warning", "error")),
+            format=_choice(raw, "logging.format", ("json", "console", "auto")),
+            access_log=_bool(raw, "logging.access_log"),
+        ),
+        shutdown_timeout=_number(raw, "shutdown_timeout"),
+        config_file=config_file,
+    )
+
+
+def _opt_str(raw: Mapping[str, Any], key: str) -> str | None:
+    value = raw[key]
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(key, "expected a string")
+    return str(value)
+
+
+def _number(
+    raw: Mapping[str, Any], key: str, *, positive: bool = False, integer: bool = False
+) -> float:
+    value = raw[key]
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected {kind}, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            raise ConfigError(key, f"expected {kind}, got {value!r}") from None
+    if not isinstance(value, int | float) or (integer and not float(value).is_integer()):
+        raise ConfigError(key, f"expected {kind}, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(key, f"expected {kind}, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(key, "must be greater than 0" if positive else "must not be negative")
+    return float(value)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _bool(raw: Mapping[str, Any], key: str) -> bool:
+    value = raw[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _choice(raw: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = raw[key]
+    if isinstance(value, str) and value.lower() in choices:
+        return value.lower()
+    raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+
+
+def parse_address(text: str) -> Address:
+    """`HOST:PORT` or `[IPv6]:PORT`; raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(text)
+    return Address(host, int(port))
+
+
+def _address(raw: Mapping[str, Any], key: str) -> Address:
+    value = raw[key]
+    try:
+        return parse_address(str(value))
+    except ValueError:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}") from None
+
+
+def _opt_address(raw: Mapping[str, Any], key: str) -> Address | None:
+    value = raw[key]
+    if value is None or (isinstance(value, str) and value.lower() in ("", "off", "none", "null")):
+        return None
+    return _address(raw, key)
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and not parts.query
+        and not parts.fragment
+        and "@" not in parts.netloc
+        and not any(c.isspace() for c in value)
+    )
+
+
+def _url(raw: Mapping[str, Any], key: str) -> str:
+    value = raw[key]
+    if not isinstance(value, str) or not _is_http_url(value):
+        raise ConfigError(key, "not a valid http(s) URL")
+    return value.rstrip("/")
+
+
+def _token_url(raw: Mapping[str, Any], upstream_url: str) -> str:
+    value = raw["auth.token_path"]
+    if isinstance(value, str) and value.startswith("/") and not value.startswith("//"):
+        return upstream_url + value
+    if isinstance(value, str) and _is_http_url(value):
+        return value
+    raise ConfigError("auth.token_path", "expected a path starting with / or an http(s) URL")
+
+
+def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
+    value = raw[key]
+    if isinstance(value, str):  # from the environment or a flag: comma-separated
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(key, "expected a list")
+    return value
+
+
+def _paths(raw: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    paths = _list(raw, key)
+    for p in paths:
+        if not isinstance(p, str) or not p.startswith("/"):
+            raise ConfigError(key, f"each entry must be a path starting with /, got {p!r}")
+    return tuple(paths)
+
+
+def _networks(raw: Mapping[str, Any], key: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for entry in _list(raw, key):
+        try:
+            out.append(ipaddress.ip_network(str(entry), strict=False))
+        except ValueError:
+            raise ConfigError(key, f"not a CIDR: {entry!r}") from None
+    return tuple(out)
+

@@ -1,0 +1,301 @@
+"""The catch-all handler: admit a request, send it upstream with a token, stream the answer back.
+
+Per request:
+1. admit: refuse CONNECT and absolute-form targets (405), check `allowed_clients` and
+   `inbound_token` (403), normalise the path and check `allowed_paths` (403/400);
+2. body: bodies up to `replay_buffer_bytes` are read whole so they can be replayed after a
+   401; larger ones stream, counted against `max_body_bytes` (413);
+3. send with the current token; on a 401 that blames the token, drop that token (only if it
+   is still current) and replay once when the body was kept;
+4. stream the response back chunk by chunk. Once it has started, an upstream failure can
+   only abort the client's connection: a cut-short body is never passed off as complete.
+
+Every failure becomes one of the proxy's own errors in `_upstream_error`, the one error path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import aiohttp
+import structlog
+from aiohttp import StreamReader, web
+from yarl import URL
+
+from proxy import paths
+from proxy.config import Settings
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientNotAllowed,
+    MethodNotAllowed,
+    ProxyError,
+    TokenUnavailable,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.headers import client_response_headers, upstream_request_headers
+from proxy.metrics import Stats
+from proxy.tokens import Token
+
+log = structlog.get_logger("proxy.access")
+
+RETRIED_HEADER = "X-Ndovu-Proxy-Retried"
+ERROR_HEADER = "X-Ndovu-Proxy-Error"
+#: status logged when the client went away before an answer (nginx's convention)
+CLIENT_CLOSED = 499
+
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+# RFC 6750 §3: error="..." in a Bearer challenge
+_CHALLENGE_ERROR = re.compile(r'(?:^|[\s,])error\s*=\s*"?([^",\s]*)', re.IGNORECASE)
+
+
+class TokenProvider(Protocol):
+    """All the forwarder knows of tokens."""
+
+    async def get(self) -> Token: ...
+    def invalidate(self, stale: Token) -> bool: ...
+
+
+def blames_token(www_authenticate: str | None) -> bool:
+    """True unless the 401's challenge names an error other than invalid_token (RFC 6750 §3.1)."""
+    if not www_authenticate:
+        return True
+    m = _CHALLENGE_ERROR.search(www_authenticate)
+    return m is None or m.group(1).lower() in ("", "invalid_token")
+
+
+def error_response(exc: ProxyError, request_id: str) -> web.Response:
+    headers = {ERROR_HEADER: exc.code, "X-Request-ID": request_id}
+    if isinstance(exc, TokenUnavailable):
+        headers["Retry-After"] = str(exc.retry_after)
+    return web.json_response(
+        {"error": exc.code, "message": exc.message}, status=exc.status, headers=headers
+    )
+
+
+class _Body:
+    """A request body: kept whole (replayable) or streamed once."""
+
+    __slots__ = ("data", "replayable", "too_large")
+
+    def __init__(self) -> None:
+        self.data: bytes | AsyncIterator[bytes] | None = None
+        self.replayable = True
+        self.too_large = False
+
+
+class _Outcome:
+    """What the access log says of one request."""
+
+    __slots__ = ("status", "upstream_status", "replayed")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.upstream_status: int | None = None
+        self.replayed = False
+
+
+class Forwarder:
+    def __init__(
+        self, settings: Settings, session: aiohttp.ClientSession, tokens: TokenProvider, stats: Stats
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._stats = stats
+        fwd = settings.forwarding
+        self._base = settings.upstream.url
+        self._allowed_paths = fwd.allowed_paths
+        self._allowed_clients = fwd.allowed_clients
+        self._inbound_token = fwd.inbound_token.reveal().encode() if fwd.inbound_token else None
+        self._retry_on_401 = fwd.retry_on_401
+        self._replay_limit = fwd.replay_buffer_bytes if fwd.retry_on_401 else 0
+        self._max_body = fwd.max_body_bytes
+        self._access_log = settings.logging.access_log
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get("X-Request-ID", "")
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = secrets.token_hex(16)
+        outcome = _Outcome()
+        self._stats.in_flight += 1
+        try:
+            try:
+                response = await self._forward(request, request_id, outcome)
+            except ProxyError as exc:
+                response = error_response(exc, request_id)
+            outcome.status = response.status
+            return response
+        except asyncio.CancelledError:
+            outcome.status = CLIENT_CLOSED
+            raise
+        finally:
+            self._stats.in_flight -= 1
+            if outcome.status != CLIENT_CLOSED:
+                self._stats.count_response(request.method, outcome.status)
+            if self._access_log:
+                log.info(
+                    "access",
+                    method=request.method,
+                    path=request.message.path.partition("?")[0],
+                    status=outcome.status,
+                    upstream_status=outcome.upstream_status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                    replayed=outcome.replayed,
+                    request_id=request_id,
+                )
+
+    # --- the steps --------------------------------------------------------------------
+
+    async def _forward(
+        self, request: web.BaseRequest, request_id: str, outcome: _Outcome
+    ) -> web.StreamResponse:
+        target = self._admit(request)
+        body = await self._read_body(request)
+        url = URL(self._base + target, encoded=True)
+        token = await self._tokens.get()
+        upstream = await self._send(request, url, token, body, request_id)
+        outcome.upstream_status = upstream.status
+        if upstream.status == 401 and blames_token(upstream.headers.get("WWW-Authenticate")):
+            self._tokens.invalidate(token)
+            if self._retry_on_401 and body.replayable:
+                upstream.release()
+                token = await self._tokens.get()
+                upstream = await self._send(request, url, token, body, request_id)
+                outcome.upstream_status = upstream.status
+                outcome.replayed = True
+                self._stats.replays += 1
+        return await self._stream_back(request, upstream, request_id, outcome.replayed)
+
+    def _admit(self, request: web.BaseRequest) -> str:
+        """The request target to forward, once the request passes every rule."""
+        message = request.message
+        if request.method == "CONNECT" or message.url.is_absolute():
+            # the proxy only ever talks to upstream.url (SPEC: Forwarding)
+            raise MethodNotAllowed("the proxy forwards origin-form requests only; no CONNECT")
+        if self._allowed_clients and not self._client_allowed(request.remote):
+            raise ClientNotAllowed("this address may not use the proxy")
+        if self._inbound_token is not None:
+            sent = request.headers.get("X-Proxy-Token", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(sent, self._inbound_token):
+                raise ClientNotAllowed("missing or wrong X-Proxy-Token")
+        target = message.path
+        path = target.partition("?")[0]
+        if not path.startswith("/"):
+            raise BadRequest("the request target is not a path")
+        paths.check(path, self._allowed_paths)
+        return target
+
+    def _client_allowed(self, remote: str | None) -> bool:
+        if remote is None:
+            return False
+        try:
+            addr = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._allowed_clients)
+
+    async def _read_body(self, request: web.BaseRequest) -> _Body:
+        body = _Body()
+        if not request.body_exists:
+            return body
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
+        content = request.content
+        if length is not None and length <= self._replay_limit:
+            body.data = await content.read()
+            return body
+        prefix = bytearray()
+        if length is None:  # chunked: keep what fits in the replay buffer, stream the rest
+            while len(prefix) <= self._replay_limit:
+                chunk = await content.readany()
+                if not chunk:
+                    body.data = bytes(prefix)
+                    return body
+                prefix += chunk
+                if len(prefix) > self._max_body:
+                    raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
+        body.replayable = False
+        body.data = self._stream_body(content, bytes(prefix), body)
+        return body
+
+    async def _stream_body(
+        self, content: StreamReader, prefix: bytes, body: _Body
+    ) -> AsyncIterator[bytes]:
+        total = len(prefix)
+        if prefix:
+            yield prefix
+        async for chunk in content.iter_any():
+            total += len(chunk)
+            if total > self._max_body:
+                # cut at the limit: the upstream request is aborted, the client gets 413
+                body.too_large = True
+                raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
+            yield chunk
+
+    async def _send(
+        self, request: web.BaseRequest, url: URL, token: Token, body: _Body, request_id: str
+    ) -> aiohttp.ClientResponse:
+        headers = upstream_request_headers(
+            request.headers, authorization=token.header, request_id=request_id
+        )
+        started = time.perf_counter()
+        try:
+            response = await self._session.request(
+                request.method, url, headers=headers, data=body.data,
+                allow_redirects=False,  # a redirect goes back to the client; the token stays here
+            )
+        except Exception as exc:
+            if body.too_large:
+                raise BodyTooLarge(f"the request body is over {self._max_body} bytes") from exc
+            raise _upstream_error(exc) from exc
+        finally:
+            self._stats.observe_upstream(time.perf_counter() - started)
+        return response
+
+    async def _stream_back(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str,
+        replayed: bool,
+    ) -> web.StreamResponse:
+        headers = client_response_headers(upstream.headers, request_id=request_id)
+        if replayed:
+            headers[RETRIED_HEADER] = "1"
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # the upstream failed mid-body: abort so the client cannot take a short body
+            # for a whole one (a clean end would look complete for a chunked response)
+            log.warning("upstream_aborted", error=type(exc).__name__, request_id=request_id)
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except BaseException:
+            upstream.close()  # the client went away: do not return a half-read connection
+            raise
+        upstream.release()
+        await response.write_eof()
+        return response
+
+
+def _upstream_error(exc: BaseException) -> ProxyError:
+    """The one place that turns a client-side failure into the proxy's error."""
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return UpstreamTimeout("the partner API did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable("cannot connect to the partner API")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamUnreachable("the connection to the partner API failed")
+    return UpstreamUnreachable(f"the request to the partner API failed ({type(exc).__name__})")

@@ -1,0 +1,167 @@
+"""The one place that knows Ndovu's auth call.
+
+Partner docs: `POST {upstream}/api/v3/partners/auth` with
+`Authorization: Basic base64(client_id:client_secret)` over the *raw* secret, and no request
+body ("no request body is required or accepted"). 200 gives
+`{"access_token": "<JWT>", "expires_in": 3600, "token_type": "Bearer"}`; 401 means unknown id or
+wrong secret; 400 a missing or malformed Authorization header. There is no refresh token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import structlog
+
+from proxy.errors import AuthUnreachable, BadAuthResponse, CredentialsRejected, RateLimited
+from proxy.tokens import Grant
+
+log = structlog.get_logger("proxy.ndovu")
+
+#: lifetime assumed when neither expires_in nor a JWT exp claim gives one
+FALLBACK_LIFETIME = 300.0
+
+HINT_401 = (
+    "Ndovu rejected the client id or secret: use the raw client secret from the onboarding "
+    "email (not base64-encoded, no quotes or trailing spaces) and check the client id"
+)
+HINT_400 = "Ndovu found the Authorization header malformed: check the client id and secret for stray characters"
+
+# RFC 6750 §2.1 b64token: what may stand after "Bearer " in a header
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def basic_credentials(client_id: str, secret: str) -> str:
+    """`Basic base64(id:secret)` over the raw UTF-8 bytes (RFC 7617)."""
+    raw = f"{client_id}:{secret}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+class NdovuAuth:
+    """A `TokenSource` that asks Ndovu's auth endpoint for a token."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        token_url: str,
+        client_id: str,
+        secret: Callable[[], str],
+        *,
+        timeout: float,
+        user_agent: str = "ndovu-proxy",
+    ) -> None:
+        self._session = session
+        self._url = token_url
+        self._client_id = client_id
+        self._secret = secret  # called at every fetch, so a rotated secret file is picked up
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._user_agent = user_agent
+
+    async def fetch(self) -> Grant:
+        try:
+            secret = self._secret()
+        except OSError as exc:
+            raise CredentialsRejected(
+                f"cannot read the client secret file: {exc.strerror}",
+                status=0,
+                hint="check auth.client_secret_file",
+            ) from exc
+        headers = {
+            "Authorization": basic_credentials(self._client_id, secret),
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+        }
+        try:
+            async with self._session.post(
+                self._url,
+                headers=headers,
+                # no body and no Content-Type: "no request body is required or accepted"
+                skip_auto_headers=("Content-Type",),
+                allow_redirects=False,
+                timeout=self._timeout,
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise AuthUnreachable(f"{type(exc).__name__} talking to the auth endpoint") from exc
+        return self._grant(status, body, retry_after)
+
+    def _grant(self, status: int, body: bytes, retry_after: str | None) -> Grant:
+        if status == 401:
+            raise CredentialsRejected("auth endpoint answered 401", status=401, hint=HINT_401)
+        if status == 400:
+            raise CredentialsRejected("auth endpoint answered 400", status=400, hint=HINT_400)
+        if status == 429:
+            raise RateLimited("auth endpoint answered 429", retry_after=parse_retry_after(retry_after))
+        if status >= 500:
+            raise AuthUnreachable(f"auth endpoint answered {status}")
+        if status != 200:
+            raise BadAuthResponse(f"auth endpoint answered {status}")
+        return parse_token_response(body)
+
+
+def parse_token_response(body: bytes) -> Grant:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadAuthResponse("auth endpoint answered 200 with a body that is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadAuthResponse("auth endpoint answered 200 with JSON that is not an object")
+    value = doc.get("access_token")
+    if not isinstance(value, str) or not value:
+        raise BadAuthResponse("auth endpoint answered 200 without an access_token")
+    if not _B64TOKEN.fullmatch(value):
+        raise BadAuthResponse("auth endpoint answered 200 with an access_token unfit for a header")
+    token_type = doc.get("token_type")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":  # RFC 6749 §5.1
+        raise BadAuthResponse("auth endpoint answered 200 with a token_type other than Bearer")
+    expires_in = doc.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
+        if expires_in == expires_in and expires_in != float("inf"):
+            return Grant(value=value, lifetime=float(expires_in))
+    exp = jwt_exp(value)
+    if exp is not None and exp - time.time() > 0:
+        lifetime = exp - time.time()
+        log.warning("token_lifetime_fallback", source="jwt_exp", lifetime_s=round(lifetime, 3))
+        return Grant(value=value, lifetime=lifetime)
+    log.warning("token_lifetime_fallback", source="default", lifetime_s=FALLBACK_LIFETIME)
+    return Grant(value=value, lifetime=FALLBACK_LIFETIME)
+
+
+def jwt_exp(token: str) -> float | None:
+    """The `exp` claim of a JWT (RFC 7519 §4.1.4), without checking its signature."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims: Any = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return float(exp)
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (RFC 9110 §10.2.3); the HTTP-date form too."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
