@@ -145,7 +145,7 @@ class Forwarder:
                 log.info(
                     "access",
                     method=request.method,
-                    path=request.message.path.partition("?")[0],
+                    path=request.raw_path.partition("?")[0],
                     status=outcome.status,
                     upstream_status=outcome.upstream_status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -177,8 +177,8 @@ class Forwarder:
 
     def _admit(self, request: web.BaseRequest) -> str:
         """The request target to forward, once the request passes every rule."""
-        message = request.message
-        if request.method == "CONNECT" or message.url.is_absolute():
+        target = request.raw_path  # the request target exactly as received
+        if request.method == "CONNECT" or not target.startswith("/") and "://" in target:
             # the proxy only ever talks to upstream.url (SPEC: Forwarding)
             raise MethodNotAllowed("the proxy forwards origin-form requests only; no CONNECT")
         if self._allowed_clients and not self._client_allowed(request.remote):
@@ -187,7 +187,6 @@ class Forwarder:
             sent = request.headers.get("X-Proxy-Token", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(sent, self._inbound_token):
                 raise ClientNotAllowed("missing or wrong X-Proxy-Token")
-        target = message.path
         path = target.partition("?")[0]
         if not path.startswith("/"):
             raise BadRequest("the request target is not a path")

@@ -139,7 +139,7 @@ class MockNdovu:
             {
                 "method": request.method,
                 "path": request.path,
-                "query": request.query_string,
+                "query": request.raw_path.partition("?")[2],
                 "headers": {k: v for k, v in request.headers.items() if k.lower() not in _HIDDEN},
                 "body_length": length,
                 "body_sha256": digest.hexdigest(),
