@@ -1,0 +1,212 @@
+"""The real command in a subprocess: exit codes, signals, what it prints and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests import fakes
+from tests.conftest import assert_no_secrets
+from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
+from tests.procs import Command
+
+API = "/api/v3/partners"
+
+MakeCommand = Callable[..., Command]
+
+
+@pytest.fixture
+async def command() -> AsyncIterator[MakeCommand]:
+    made: list[Command] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Command:
+        cmd = Command(*args, env=env)
+        made.append(cmd)
+        return cmd
+
+    yield make
+    for cmd in made:
+        await cmd.stop()
+
+
+def proxy_env(fake: FakeNdovu, **extra: str) -> dict[str, str]:
+    return {
+        "NDOVU_CLIENT_ID": CLIENT_ID,
+        "NDOVU_CLIENT_SECRET": CLIENT_SECRET,
+        "NDOVU_UPSTREAM_URL": fake.url,  # type: ignore[attr-defined]
+        "NDOVU_PROXY_LISTEN": "127.0.0.1:0",
+        "NDOVU_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
+        "NDOVU_PROXY_LOG_LEVEL": "debug",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NDOVU_CLIENT_ID": "x"}, "auth.client_secret: missing; set NDOVU_CLIENT_SECRET or auth.client_secret_file"),
+        ({"NDOVU_CLIENT_ID": "x", "NDOVU_CLIENT_SECRET": "y", "NDOVU_UPSTREAM_URL": "localhost:80"}, "upstream.url: not a valid http(s) URL"),
+        ({"NDOVU_CLIENT_ID": "a:b", "NDOVU_CLIENT_SECRET": "y"}, "auth.client_id: must not contain ':'"),
+    ],
+)
+async def test_bad_config_exits_1_with_one_message_naming_the_key(command: MakeCommand, env: dict[str, str], message: str) -> None:
+    cmd = command("serve", env=env)
+    assert await cmd.run() == 1
+    assert cmd.stderr == [f"ndovu-proxy: config error: {message}"]
+    assert "y" not in cmd.stdout
+
+
+async def test_unknown_key_in_the_file_exits_1(command: MakeCommand, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("forwarding:\n  retry_on_410: true\n")
+    cmd = command("serve", "--config", str(path), env={"NDOVU_CLIENT_ID": "x", "NDOVU_CLIENT_SECRET": "y"})
+    assert await cmd.run() == 1
+    assert cmd.stderr == ["ndovu-proxy: config error: forwarding.retry_on_410: unknown key"]
+
+
+async def test_sigterm_closes_the_listener_and_drains_a_slow_request(command: MakeCommand, fake: FakeNdovu) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(_request: web.Request) -> web.StreamResponse:
+        started.set()
+        await release.wait()
+        return web.json_response({"slow": "done"})
+
+    fake.api_faults["slow"] = slow
+    cmd = await command("serve", env=proxy_env(fake)).start()
+    address, _ = await cmd.listening()
+    await cmd.event("token_acquired")
+    host, port = address.rsplit(":", 1)
+    async with aiohttp.ClientSession() as http:
+        pending = asyncio.create_task(http.get(f"http://{address}{API}/slow"))
+        await asyncio.wait_for(started.wait(), 5)
+        cmd.signal(signal.SIGTERM)
+        await cmd.event("shutting_down")
+        # new connections are refused at once, while the slow request is still in flight
+        with pytest.raises(OSError):
+            for _ in range(50):
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.close()
+                await asyncio.sleep(0.02)
+        assert not pending.done()
+        release.set()
+        resp = await asyncio.wait_for(pending, 5)
+        assert resp.status == 200
+        assert await resp.json() == {"slow": "done"}
+    assert await cmd.wait() == 0
+    assert_no_secrets(cmd.output(), fake)
+
+
+async def test_drain_is_bounded_by_shutdown_timeout(command: MakeCommand, fake: FakeNdovu, tmp_path: Path) -> None:
+    reached = asyncio.Event()
+
+    async def stuck(_request: web.Request) -> web.StreamResponse:
+        reached.set()
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError
+
+    fake.api_faults["stuck"] = stuck
+    path = tmp_path / "c.yaml"
+    path.write_text("shutdown_timeout: 0.5\n")
+    cmd = await command("serve", "--config", str(path), env=proxy_env(fake)).start()
+    address, _ = await cmd.listening()
+    await cmd.event("token_acquired")
+    async with aiohttp.ClientSession() as http:
+        pending = asyncio.create_task(http.get(f"http://{address}{API}/stuck"))
+        await asyncio.wait_for(reached.wait(), 5)
+        began = time.monotonic()
+        cmd.signal(signal.SIGTERM)
+        assert await cmd.wait() == 0
+        assert time.monotonic() - began < 5
+        with pytest.raises(aiohttp.ClientError):
+            await pending
+
+
+async def test_sighup_picks_up_a_fixed_secret_file_without_a_restart(command: MakeCommand, fake: FakeNdovu, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("not-the-secret\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("auth:\n  backoff_initial: 600\n  backoff_max: 600\n")
+    env = proxy_env(fake, NDOVU_CLIENT_SECRET_FILE=str(secret))
+    cmd = await command("serve", "--config", str(cfg), env=env).start()
+    address, admin = await cmd.listening()
+    failure = await cmd.event("token_refresh_failed")
+    assert failure["level"] == "error" and failure["reason"] == "credentials_rejected"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{admin}/readyz") as resp:
+            assert resp.status == 503
+        async with http.get(f"http://{address}{API}/x") as resp:
+            assert resp.status == 503
+        secret.write_text(CLIENT_SECRET + "\n")
+        cmd.signal(signal.SIGHUP)
+        await cmd.event("reload_done")
+        async with http.get(f"http://{admin}/readyz") as resp:
+            assert resp.status == 200
+        async with http.get(f"http://{address}{API}/x") as resp:
+            assert resp.status == 200
+    assert fake.auth_calls == 2
+    cmd.signal(signal.SIGTERM)
+    assert await cmd.wait() == 0
+    assert_no_secrets(cmd.output(), fake)
+    assert "not-the-secret" not in cmd.output()
+
+
+async def test_failed_sighup_keeps_the_current_token(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = await command("serve", env=proxy_env(fake)).start()
+    address, _ = await cmd.listening()
+    await cmd.event("token_acquired")
+    fake.auth_faults = [fakes.status(500)]
+    cmd.signal(signal.SIGHUP)
+    await cmd.event("reload_failed")
+    async with aiohttp.ClientSession() as http, http.get(f"http://{address}{API}/x") as resp:
+        assert resp.status == 200
+    assert fake.api_log[-1].headers["Authorization"] == f"Bearer {fake.issued[0]}"
+    cmd.signal(signal.SIGINT)
+    assert await cmd.wait() == 0
+
+
+async def test_logs_are_json_lines_on_stderr_and_never_hold_credentials(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = await command("serve", env=proxy_env(fake)).start()
+    address, _ = await cmd.listening()
+    await cmd.event("token_acquired")
+    fake.expire_all()
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": "Bearer app-own-token-123", "Cookie": "jar=cookie-456", "X-Proxy-Token": "pt-789"}
+        async with http.post(f"http://{address}{API}/x?q=1", data=b"body", headers=headers) as resp:
+            assert resp.status == 200
+    access = await cmd.event("access")
+    assert access["replayed"] is True and access["path"] == f"{API}/x"
+    cmd.signal(signal.SIGTERM)
+    assert await cmd.wait() == 0
+    assert cmd.stdout == []
+    assert all(line.startswith("{") for line in cmd.stderr)
+    out = cmd.output()
+    assert_no_secrets(out, fake)
+    for value in ("app-own-token-123", "cookie-456", "pt-789"):
+        assert value not in out
+
+
+async def test_a_taken_port_exits_1(command: MakeCommand, fake: FakeNdovu) -> None:
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        cmd = command("serve", env=proxy_env(fake, NDOVU_PROXY_LISTEN=f"127.0.0.1:{port}"))
+        assert await cmd.run() == 1
+        assert "cannot listen" in cmd.output()
+    finally:
+        blocker.close()
+
+
+async def test_help_lists_the_commands(command: MakeCommand) -> None:
+    cmd = command("--help")
+    assert await cmd.run() == 0
+    text = "\n".join(cmd.stdout)
+    for word in ("serve", "check", "demo", "mock-upstream", "NDOVU_CLIENT_SECRET_FILE"):
+        assert word in text
