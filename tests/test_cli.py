@@ -210,3 +210,67 @@ async def test_help_lists_the_commands(command: MakeCommand) -> None:
     text = "\n".join(cmd.stdout)
     for word in ("serve", "check", "demo", "mock-upstream", "NDOVU_CLIENT_SECRET_FILE"):
         assert word in text
+
+
+async def test_check_exit_0_says_where_and_how_long_never_the_token(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = command("check", env=proxy_env(fake))
+    assert await cmd.run() == 0, cmd.output()
+    out = "\n".join(cmd.stdout)
+    assert f"POST {fake.url}/api/v3/partners/auth" in out  # type: ignore[attr-defined]
+    assert "lifetime 3600 s" in out
+    assert_no_secrets(cmd.output(), fake)
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "words"),
+    [
+        (fakes.status(401), 2, "raw client secret"),
+        (fakes.status(400), 2, "malformed"),
+        (fakes.status(503), 3, "503"),
+        (fakes.raw(b"<html>"), 3, "not JSON"),
+        (fakes.status(429, headers={"Retry-After": "5"}), 3, "429"),
+    ],
+)
+async def test_check_exit_codes_for_each_failure(command: MakeCommand, fake: FakeNdovu, fault: fakes.Fault, code: int, words: str) -> None:
+    fake.auth_faults = [fault]
+    cmd = command("check", env=proxy_env(fake))
+    assert await cmd.run() == code, cmd.output()
+    assert words in "\n".join(cmd.stdout)
+    assert_no_secrets(cmd.output(), fake)
+
+
+async def test_check_exit_3_when_unreachable_and_1_for_bad_config(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = command("check", env=proxy_env(fake, NDOVU_UPSTREAM_URL="http://127.0.0.1:9"))
+    assert await cmd.run() == 3
+    cmd = command("check", env={"NDOVU_CLIENT_ID": "x"})
+    assert await cmd.run() == 1
+    assert "auth.client_secret: missing" in cmd.output()
+
+
+async def test_demo_runs_with_no_credentials_and_prints_a_curl_line(command: MakeCommand) -> None:
+    cmd = await command("demo", "--listen", "127.0.0.1:0").start()
+    line = await cmd.wait_for(lambda item: isinstance(item, str) and "curl -s http" in item and "products" in item)
+    target = line.split("curl -s ", 1)[1].strip()
+    async with aiohttp.ClientSession() as http, http.get(target) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["count"] == 4
+    e = await cmd.event("listening")
+    assert e["admin_address"] is None  # no admin listener unless asked
+    cmd.signal(signal.SIGINT)
+    assert await cmd.wait() == 0
+
+
+async def test_mock_upstream_command(command: MakeCommand) -> None:
+    cmd = await command("mock-upstream", "--listen", "127.0.0.1:0", "--client-id", "me", "--client-secret", "pw", "--token-ttl", "60").start()
+    line = await cmd.wait_for(lambda item: isinstance(item, str) and item.startswith("fake Ndovu Partner API on "))
+    base = line.rsplit(" ", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/api/v3/partners/auth", headers={"Authorization": "Basic bWU6cHc="}) as resp:  # me:pw
+            assert resp.status == 200
+            grant = await resp.json()
+        assert grant["expires_in"] == 60 and grant["token_type"] == "Bearer"
+        headers = {"Authorization": f"Bearer {grant['access_token']}"}
+        async with http.get(f"{base}/api/v3/partners/products", headers=headers) as resp:
+            assert resp.status == 200
+    cmd.signal(signal.SIGTERM)
+    assert await cmd.wait() == 0
