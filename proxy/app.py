@@ -159,6 +159,8 @@ class Proxy:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        if self.tokens is not None:
+            await self.tokens.close()
         if self.session is not None:
             await self.session.close()
         log.info("stopped", drained=in_flight)

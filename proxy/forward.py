@@ -51,6 +51,9 @@ RETRIED_HEADER = "X-Ndovu-Proxy-Retried"
 ERROR_HEADER = "X-Ndovu-Proxy-Error"
 #: status logged when the client went away before an answer (nginx's convention)
 CLIENT_CLOSED = 499
+#: a 401 body up to this size is read and dropped before a replay, to keep the connection
+DISCARD_READ_LIMIT = 65536
+HTTP_11 = aiohttp.HttpVersion(1, 1)
 
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 # RFC 6750 §3: error="..." in a Bearer challenge
@@ -167,7 +170,7 @@ class Forwarder:
         if upstream.status == 401 and blames_token(upstream.headers.get("WWW-Authenticate")):
             self._tokens.invalidate(token)
             if self._retry_on_401 and body.replayable:
-                upstream.release()
+                await _discard(upstream)
                 token = await self._tokens.get()
                 upstream = await self._send(request, url, token, body, request_id)
                 outcome.upstream_status = upstream.status
@@ -209,6 +212,10 @@ class Forwarder:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
+        if request.version >= HTTP_11 and request.headers.get("Expect", "").lower() == "100-continue":
+            # the client holds its body back until told to go on (RFC 9110 §10.1.1); .NET's
+            # HttpWebRequest does this for every POST. Said only once the request is admitted.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         content = request.content
         if length is not None and length <= self._replay_limit:
             body.data = await content.read()
@@ -287,6 +294,19 @@ class Forwarder:
         upstream.release()
         await response.write_eof()
         return response
+
+
+async def _discard(response: aiohttp.ClientResponse) -> None:
+    """Finish with an answer nobody will see; a small body is read so the connection is kept."""
+    length = response.content_length
+    if length is not None and length <= DISCARD_READ_LIMIT:
+        try:
+            await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        response.release()
+    else:
+        response.close()
 
 
 def _upstream_error(exc: BaseException) -> ProxyError:

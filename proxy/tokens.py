@@ -171,7 +171,9 @@ class TokenCache:
 
     async def refresh_now(self) -> Token:
         """Fetch a token now, whatever the state (SIGHUP). On failure the current one stays."""
-        return await self._start_fetch()
+        # shielded: a cancelled caller must neither cancel the shared fetch nor, should the
+        # fetch finish at that moment, lose its own cancellation
+        return await asyncio.shield(self._start_fetch())
 
     async def run(self) -> None:
         """The background refresher; runs until cancelled."""
@@ -182,7 +184,15 @@ class TokenCache:
                 await self._sleep_or_change(delay)
                 continue
             with contextlib.suppress(AuthError):
-                await self._start_fetch()
+                await asyncio.shield(self._start_fetch())
+
+    async def close(self) -> None:
+        """Cancel a token request in flight (at shutdown)."""
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AuthError):
+                await inflight
 
     def _next_refresh_in(self) -> float:
         now = self._clock.monotonic()

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import Proxy
+from proxy.errors import TokenUnavailable
 from tests import fakes
 from tests.conftest import StartProxy, raw_request, url
 from tests.fakes import FakeNdovu
@@ -654,3 +655,66 @@ async def test_proxy_listens_before_the_first_token(start_proxy: StartProxy, fak
     async with http.get(url(proxy, "/not-api")) as resp:  # answered while the token is pending
         assert resp.status == 403
     fake.auth_gate.set()
+
+
+async def test_expect_100_continue_is_answered_before_the_body(start_proxy: StartProxy, fake: FakeNdovu) -> None:
+    proxy = await start_proxy()
+    assert proxy.address is not None
+    reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+    try:
+        writer.write(f"POST {API}/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n".encode())
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # before any body byte
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert fake.api_log[0].body == b"hello"
+    assert "Expect" not in fake.api_log[0].headers
+
+
+async def test_upstream_connect_timeout_is_504(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:
+    # a loopback listener that never accepts, its queue filled: new connections hang in SYN
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(0)
+    port = sink.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        proxy = await start_proxy({
+            "upstream.url": f"http://127.0.0.1:{port}",
+            "upstream.connect_timeout": 0.3,
+            "auth.token_path": f"{fake.url}/api/v3/partners/auth",  # type: ignore[attr-defined]
+        })
+        async with http.get(url(proxy, f"{API}/x")) as resp:
+            assert resp.status == 504
+            assert resp.headers["X-Ndovu-Proxy-Error"] == "upstream_timeout"
+    finally:
+        for s in fillers:
+            s.close()
+        sink.close()
+
+
+async def test_token_events_in_the_log(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession, log_buffer: Any) -> None:
+    fake.auth_faults = [fakes.status(400)]
+    clock = fakes.FakeClock()
+    proxy = await start_proxy({"auth.backoff_initial": 2, "auth.backoff_max": 2}, clock=clock, wait_token=False)
+    assert proxy.tokens is not None
+    with pytest.raises(TokenUnavailable):
+        await proxy.tokens.get()  # shares the first, failing, fetch
+    await clock.advance(2)
+    await proxy.tokens.get()
+    events = [json.loads(line) for line in log_buffer.getvalue().splitlines()]
+    failed = next(e for e in events if e["event"] == "token_refresh_failed")
+    assert failed["level"] == "error" and failed["status"] == 400 and "malformed" in failed["hint"]
+    assert 1 <= failed["next_attempt_in_s"] <= 2
+    acquired = next(e for e in events if e["event"] == "token_acquired")
+    assert acquired["lifetime_s"] == 3600 and acquired["generation"] == 1
+    assert proxy.tokens is not None and proxy.tokens.current is not None

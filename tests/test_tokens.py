@@ -229,3 +229,16 @@ def test_token_repr_hides_the_value() -> None:
     assert "very-secret-token" not in repr(Grant(value="very-secret-token", lifetime=1))
     assert token.header == "Bearer very-secret-token"
     assert len(token.fingerprint) == 12
+
+
+async def test_cancelling_the_refresher_ends_it_even_as_a_fetch_completes(source: ScriptedSource, clock: FakeClock) -> None:
+    cache = make_cache(source, clock)
+    source.gate = asyncio.Event()
+    refresher = asyncio.create_task(cache.run())
+    await settle()  # the refresher's first fetch is in flight, held open
+    assert source.calls == 1
+    source.gate.set()  # the fetch completes in the same loop turn as the cancel
+    refresher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(refresher, 2)
+    await cache.close()
