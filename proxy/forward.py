@@ -53,6 +53,7 @@ ERROR_HEADER = "X-Ndovu-Proxy-Error"
 CLIENT_CLOSED = 499
 #: a 401 body up to this size is read and dropped before a replay, to keep the connection
 DISCARD_READ_LIMIT = 65536
+HTTP_10 = aiohttp.HttpVersion(1, 0)
 HTTP_11 = aiohttp.HttpVersion(1, 1)
 
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
@@ -184,6 +185,9 @@ class Forwarder:
         if request.method == "CONNECT" or not target.startswith("/") and "://" in target:
             # the proxy only ever talks to upstream.url (SPEC: Forwarding)
             raise MethodNotAllowed("the proxy forwards origin-form requests only; no CONNECT")
+        if request.version < HTTP_10:
+            # HTTP/0.9 has no headers: no way to carry a request id or a body length
+            raise BadRequest("HTTP/1.0 or later is required")
         if self._allowed_clients and not self._client_allowed(request.remote):
             raise ClientNotAllowed("this address may not use the proxy")
         if self._inbound_token is not None:
