@@ -19,13 +19,14 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy import admin
+from proxy import admin, logs
 from proxy.config import Address, Settings, read_secret_file
 from proxy.forward import Forwarder
 from proxy.logs import Redactor
 from proxy.metrics import Stats
 from proxy.ndovu import NdovuAuth
 from proxy.tokens import Clock, TokenCache
+from proxy.upstream import Upstream
 
 log = structlog.get_logger("proxy.app")
 
@@ -37,13 +38,25 @@ NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 SHUTDOWN_GRACE = 2.0
 
 
-def make_session(settings: Settings) -> aiohttp.ClientSession:
+def tls_context(settings: Settings) -> ssl.SSLContext | bool:
     up = settings.upstream
-    tls: ssl.SSLContext | bool = True
     if not up.tls_verify:
-        tls = False
-    elif up.ca_file:
-        tls = ssl.create_default_context(cafile=up.ca_file)
+        return False
+    if up.ca_file:
+        return ssl.create_default_context(cafile=up.ca_file)
+    return True
+
+
+def make_upstream(settings: Settings) -> Upstream:
+    up = settings.upstream
+    return Upstream(up.url, tls=tls_context(settings), limit=up.max_connections,
+                    connect_timeout=up.connect_timeout, read_timeout=up.read_timeout)
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    """The session for token requests (few, and simple)."""
+    up = settings.upstream
+    tls = tls_context(settings)
     connector = aiohttp.TCPConnector(limit=up.max_connections, limit_per_host=0, ssl=tls, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
@@ -82,6 +95,7 @@ class Proxy:
         self.stats = Stats()
         self.session: aiohttp.ClientSession | None = None
         self.tokens: TokenCache | None = None
+        self.upstream: Upstream | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._runners: list[web.BaseRunner] = []
         self.address: Address | None = None
@@ -107,7 +121,9 @@ class Proxy:
         )
         # the first token is fetched in the background: the proxy listens at once
         self._refresher = asyncio.create_task(self.tokens.run(), name="token-refresher")
-        forwarder = Forwarder(s, self.session, self.tokens, self.stats)
+        access = logs.access_logger(self.redactor) if s.logging.access_log else None
+        self.upstream = make_upstream(s)
+        forwarder = Forwarder(s, self.upstream, self.tokens, self.stats, access)
         server = web.Server(forwarder, handler_cancellation=True, access_log=None)
         # aiohttp reads a shutdown_timeout of 0 as "no limit"; keep it a real bound
         drain = max(s.shutdown_timeout, 0.001)
@@ -161,9 +177,12 @@ class Proxy:
                 await self._refresher
         if self.tokens is not None:
             await self.tokens.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         if self.session is not None:
             await self.session.close()
         log.info("stopped", drained=in_flight)
+        logs.flush()
 
 
 async def serve(proxy: Proxy, *, started: Callable[[Proxy], None] | None = None) -> None:

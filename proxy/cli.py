@@ -92,7 +92,7 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _start_logging(settings: config.Settings) -> logs.Redactor:
-    return logs.configure(settings.logging.level, settings.logging.format)
+    return logs.configure(settings.logging.level, settings.logging.format, buffered=True)
 
 
 def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -22,12 +22,11 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import structlog
 from aiohttp import StreamReader, web
-from yarl import URL
 
 from proxy import paths
 from proxy.config import Settings
@@ -44,8 +43,9 @@ from proxy.errors import (
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.metrics import Stats
 from proxy.tokens import Token
+from proxy.upstream import Exchange, Upstream
 
-log = structlog.get_logger("proxy.access")
+log = structlog.get_logger("proxy.forward")
 
 RETRIED_HEADER = "X-Ndovu-Proxy-Retried"
 ERROR_HEADER = "X-Ndovu-Proxy-Error"
@@ -111,20 +111,20 @@ class _Outcome:
 
 class Forwarder:
     def __init__(
-        self, settings: Settings, session: aiohttp.ClientSession, tokens: TokenProvider, stats: Stats
+        self, settings: Settings, upstream: Upstream, tokens: TokenProvider, stats: Stats,
+        access_log: Any = None,
     ) -> None:
-        self._session = session
+        self._upstream = upstream
         self._tokens = tokens
         self._stats = stats
         fwd = settings.forwarding
-        self._base = settings.upstream.url
         self._allowed_paths = fwd.allowed_paths
         self._allowed_clients = fwd.allowed_clients
         self._inbound_token = fwd.inbound_token.reveal().encode() if fwd.inbound_token else None
         self._retry_on_401 = fwd.retry_on_401
         self._replay_limit = fwd.replay_buffer_bytes if fwd.retry_on_401 else 0
         self._max_body = fwd.max_body_bytes
-        self._access_log = settings.logging.access_log
+        self._access_log = access_log
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -147,8 +147,8 @@ class Forwarder:
             self._stats.in_flight -= 1
             if outcome.status != CLIENT_CLOSED:
                 self._stats.count_response(request.method, outcome.status)
-            if self._access_log:
-                log.info(
+            if self._access_log is not None:
+                self._access_log.info(
                     "access",
                     method=request.method,
                     path=request.raw_path.partition("?")[0],
@@ -166,16 +166,15 @@ class Forwarder:
     ) -> web.StreamResponse:
         target = self._admit(request)
         body = await self._read_body(request)
-        url = URL(self._base + target, encoded=True)
         token = await self._tokens.get()
-        upstream = await self._send(request, url, token, body, request_id)
+        upstream = await self._send(request, target, token, body, request_id)
         outcome.upstream_status = upstream.status
         if upstream.status == 401 and blames_token(upstream.headers.get("WWW-Authenticate")):
             self._tokens.invalidate(token)
             if self._retry_on_401 and body.replayable:
                 await _discard(upstream)
                 token = await self._tokens.get()
-                upstream = await self._send(request, url, token, body, request_id)
+                upstream = await self._send(request, target, token, body, request_id)
                 outcome.upstream_status = upstream.status
                 outcome.replayed = True
                 self._stats.replays += 1
@@ -255,17 +254,15 @@ class Forwarder:
             yield chunk
 
     async def _send(
-        self, request: web.BaseRequest, url: URL, token: Token, body: _Body, request_id: str
-    ) -> aiohttp.ClientResponse:
+        self, request: web.BaseRequest, target: str, token: Token, body: _Body, request_id: str
+    ) -> Exchange:
         headers = upstream_request_headers(
             request.headers, authorization=token.header, request_id=request_id
         )
         started = time.perf_counter()
         try:
-            response = await self._session.request(
-                request.method, url, headers=headers, data=body.data,
-                allow_redirects=False,  # a redirect goes back to the client; the token stays here
-            )
+            # redirects are never followed: they go back to the client, the token stays here
+            response = await self._upstream.send(request.method, target, headers, body.data)
         except Exception as exc:
             if body.too_large:
                 raise BodyTooLarge(f"the request body is over {self._max_body} bytes") from exc
@@ -275,7 +272,7 @@ class Forwarder:
         return response
 
     async def _stream_back(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str,
+        self, request: web.BaseRequest, upstream: Exchange, request_id: str,
         replayed: bool,
     ) -> web.StreamResponse:
         headers = client_response_headers(upstream.headers, request_id=request_id)
@@ -309,12 +306,12 @@ class Forwarder:
         return response
 
 
-async def _discard(response: aiohttp.ClientResponse) -> None:
+async def _discard(response: Exchange) -> None:
     """Finish with an answer nobody will see; a small body is read so the connection is kept."""
     length = response.content_length
     if length is not None and length <= DISCARD_READ_LIMIT:
         try:
-            await response.read()
+            await response.content.read()
         except (aiohttp.ClientError, TimeoutError):
             pass
         response.release()

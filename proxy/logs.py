@@ -9,10 +9,15 @@ strings shaped like credentials (`Bearer …`, `Basic …`, a JWT) are masked.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import re
 import sys
+import time
 from collections import deque
+from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _json_str
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -75,6 +80,84 @@ class Redactor:
         return value
 
 
+#: the longest a debug or info line waits in the buffer, and the most the buffer holds
+FLUSH_INTERVAL = 0.2
+FLUSH_BYTES = 64 * 1024
+
+
+class LineWriter:
+    """structlog's output: debug and info lines (the access log) are written in batches, at
+    most FLUSH_INTERVAL seconds late, instead of one write and flush per request; warnings
+    and errors flush at once. One writer serves every logger, so lines keep their order."""
+
+    def __init__(self, stream: TextIO, *, buffered: bool) -> None:
+        self._stream = stream
+        self._buffered = buffered
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def info(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if not self._buffered or self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+            except RuntimeError:  # no event loop: nothing would flush later
+                self.flush()
+
+    debug = msg = info
+
+    def error(self, line: str) -> None:
+        self._lines.append(line)
+        self.flush()
+
+    warning = warn = err = critical = exception = fatal = error
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        self._size = 0
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stderr must not take the proxy down
+            pass
+
+
+class _OrderedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stdlib's lines (aiohttp's, asyncio's) go out after what structlog buffered before them."""
+
+    def __init__(self, stream: TextIO, writer: LineWriter) -> None:
+        super().__init__(stream)
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._writer.flush()
+        super().emit(record)
+
+
+_writer: LineWriter | None = None
+_format = "json"
+_level = "info"
+
+
+def flush() -> None:
+    """Write out what the log buffer holds (at shutdown)."""
+    if _writer is not None:
+        _writer.flush()
+
+
+atexit.register(flush)
+
+
 class _TerseParseErrors(logging.Filter):
     """aiohttp logs a malformed request with the offending bytes, which may hold a header value;
     keep the status and the kind of error, drop the bytes."""
@@ -96,6 +179,7 @@ def configure(
     redactor: Redactor | None = None,
     stream: TextIO | None = None,
     cache: bool = True,
+    buffered: bool = False,
 ) -> Redactor:
     """Route structlog and the stdlib's loggers (aiohttp's, asyncio's) to one stream."""
     stream = stream or sys.stderr
@@ -113,13 +197,17 @@ def configure(
     ]
     # tracebacks become text before the redactor, so it scrubs them too
     tail: list[Any] = [structlog.processors.format_exc_info, redactor, renderer]
+    global _writer, _format, _level
+    flush()
+    writer = _writer = LineWriter(stream, buffered=buffered)
+    _format, _level = fmt, level
     structlog.configure(
         processors=[*shared, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=cache,
     )
-    handler = logging.StreamHandler(stream)
+    handler = _OrderedHandler(stream, writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
@@ -131,3 +219,47 @@ def configure(
     root.handlers[:] = [handler]
     root.setLevel(max(LEVELS[level], logging.INFO))  # aiohttp's debug chatter is not ours
     return redactor
+
+
+class _Clock:
+    """RFC 3339 UTC timestamps, the seconds part formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
+
+
+def access_logger(redactor: Redactor) -> Any:
+    """The logger for the one event per request, `access`.
+
+    In JSON it skips the generic processor chain: one processor renders the known fields
+    straight to a line (the same keys and values as the chain would give), about half the cost
+    a request. The two strings a client controls, path and request id, are still scrubbed.
+    In console format it is the ordinary logger, for people.
+    """
+    if _format != "json" or _writer is None:
+        return structlog.get_logger("proxy.access")
+    clock = _Clock()
+    scrub = redactor.scrub
+
+    def render(_logger: Any, _method: str, ev: MutableMapping[str, Any]) -> str:
+        upstream = ev["upstream_status"]
+        return (
+            f'{{"method": {_json_str(ev["method"])}, "path": {_json_str(scrub(ev["path"]))}, '
+            f'"status": {int(ev["status"])}, "upstream_status": {"null" if upstream is None else int(upstream)}, '
+            f'"duration_ms": {float(ev["duration_ms"])!r}, "replayed": {"true" if ev["replayed"] else "false"}, '
+            f'"request_id": {_json_str(scrub(ev["request_id"]))}, "event": "access", "level": "info", '
+            f'"timestamp": "{clock.now()}"}}'
+        )
+
+    return structlog.wrap_logger(
+        _writer, processors=[render], wrapper_class=structlog.make_filtering_bound_logger(LEVELS[_level])
+    )

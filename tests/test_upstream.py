@@ -1,0 +1,124 @@
+"""The lean upstream client: TLS, base paths, connection reuse and the keep-alive race."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import StartProxy, url
+from tests.fakes import FakeNdovu
+
+API = "/api/v3/partners"
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is missing (Debian package openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+async def tls_fake(aiohttp_server: Any, certificate: tuple[Path, Path]) -> tuple[FakeNdovu, str]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*certificate)
+    fake = FakeNdovu()
+    server = await aiohttp_server(fake.app(), ssl=ctx)
+    return fake, f"https://127.0.0.1:{server.port}"
+
+
+async def test_https_upstream_with_an_extra_ca(aiohttp_server: Any, certificate: tuple[Path, Path],
+                                               start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+    fake, base = await tls_fake(aiohttp_server, certificate)
+    proxy = await start_proxy({"upstream.url": base, "upstream.ca_file": str(certificate[0])})
+    async with http.get(url(proxy, f"{API}/secure")) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["path"] == f"{API}/secure"
+
+
+async def test_https_upstream_is_verified(aiohttp_server: Any, certificate: tuple[Path, Path],
+                                          start_proxy: StartProxy, http: aiohttp.ClientSession, fake: FakeNdovu) -> None:
+    tls, base = await tls_fake(aiohttp_server, certificate)
+    # the token comes from the plain fake; the API from the TLS one, whose CA is not trusted
+    proxy = await start_proxy({"upstream.url": base, "auth.token_path": f"{fake.url}/api/v3/partners/auth"})  # type: ignore[attr-defined]
+    async with http.get(url(proxy, f"{API}/secure")) as resp:
+        assert resp.status == 502
+        assert resp.headers["X-Ndovu-Proxy-Error"] == "upstream_unreachable"
+    assert tls.api_log == []
+    insecure = await start_proxy({"upstream.url": base, "upstream.tls_verify": False,
+                                  "auth.token_path": f"{fake.url}/api/v3/partners/auth"})  # type: ignore[attr-defined]
+    async with http.get(url(insecure, f"{API}/secure")) as resp:
+        assert resp.status in (200, 401)  # reached: the TLS fake knows none of the plain fake's tokens
+
+
+async def test_base_path_of_upstream_url_is_kept(aiohttp_server: Any, start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+    seen: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        if request.path.endswith("/auth"):
+            return web.json_response({"access_token": "t0k", "expires_in": 60, "token_type": "Bearer"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy({"upstream.url": f"http://127.0.0.1:{server.port}/gateway/v1/"})
+    async with http.get(url(proxy, f"{API}/x?y=1")) as resp:
+        assert resp.status == 200
+    assert seen == ["/gateway/v1/api/v3/partners/auth", f"/gateway/v1{API}/x?y=1"]
+
+
+async def test_connections_are_reused_unless_told_to_close(aiohttp_server: Any, start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+    peers: list[Any] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        if request.path.endswith("/auth"):
+            return web.json_response({"access_token": "t0k", "expires_in": 60, "token_type": "Bearer"})
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        headers = {"Connection": "close"} if request.path.endswith("/closing") else {}
+        return web.Response(text="ok", headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy({"upstream.url": f"http://127.0.0.1:{server.port}"})
+    for _ in range(5):
+        async with http.get(url(proxy, f"{API}/same")) as resp:
+            assert resp.status == 200
+    assert len(set(peers)) == 1  # one keep-alive connection for five sequential requests
+    peers.clear()
+    for _ in range(3):
+        async with http.get(url(proxy, f"{API}/closing")) as resp:
+            assert resp.status == 200
+    assert len(set(peers)) == 3  # a fresh connection after each `Connection: close`
+
+
+async def test_a_pooled_connection_closed_by_the_origin_is_not_a_failure(aiohttp_server: Any, start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+    async def anything(request: web.Request) -> web.Response:
+        if request.path.endswith("/auth"):
+            return web.json_response({"access_token": "t0k", "expires_in": 60, "token_type": "Bearer"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(app, keepalive_timeout=0.05)  # the origin drops idle connections fast
+    proxy = await start_proxy({"upstream.url": f"http://127.0.0.1:{server.port}"})
+    import asyncio
+
+    for _ in range(5):
+        async with http.get(url(proxy, f"{API}/x")) as resp:
+            assert resp.status == 200
+        await asyncio.sleep(0.1)  # the subject: idle longer than the origin keeps a connection
