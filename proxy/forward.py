@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import re
 import secrets
 import time
@@ -125,12 +126,16 @@ class Forwarder:
         self._replay_limit = fwd.replay_buffer_bytes if fwd.retry_on_401 else 0
         self._max_body = fwd.max_body_bytes
         self._access_log = access_log
+        # request ids: unique, not secret; a random per-process prefix and a counter cost far
+        # less than 16 random bytes a request
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count(1)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("X-Request-ID", "")
         if not _REQUEST_ID.fullmatch(request_id):
-            request_id = secrets.token_hex(16)
+            request_id = f"{self._id_prefix}{next(self._ids):016x}"
         outcome = _Outcome()
         self._stats.in_flight += 1
         try:
