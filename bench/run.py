@@ -216,7 +216,9 @@ class Contender:
             return ["nginx", "-c", str(nginx_conf(self.tmp, "proxy", server, pool))]
         if self.name == "naive-aiohttp":
             return [py, str(ROOT / "bench" / "naive_proxy.py"), str(self.port), up, TOKEN]
-        return [py, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{self.port}", "--admin-listen", "off", "--upstream", up]
+        # the default configuration: access log on, admin listener on (on a free port here)
+        return [py, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{self.port}",
+                "--admin-listen", f"127.0.0.1:{free_port()}", "--upstream", up]
 
     def start(self) -> None:
         env = {**os.environ, "NDOVU_CLIENT_ID": "bench", "NDOVU_CLIENT_SECRET": "bench-secret"}

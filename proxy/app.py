@@ -19,7 +19,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy import admin, logs
+from proxy import logs
 from proxy.config import Address, Settings, read_secret_file
 from proxy.forward import Forwarder
 from proxy.logs import Redactor
@@ -129,6 +129,8 @@ class Proxy:
         drain = max(s.shutdown_timeout, 0.001)
         self.address = await self._listen(web.ServerRunner(server, shutdown_timeout=drain), s.listen)
         if s.admin_listen is not None:
+            from proxy import admin  # with prometheus-client: only loaded when the listener is on
+
             admin_app = admin.make_app(self.tokens, self.stats)
             self.admin_address = await self._listen(
                 web.AppRunner(admin_app, access_log=None, shutdown_timeout=1), s.admin_listen

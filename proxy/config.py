@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from proxy.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -177,6 +175,8 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _read_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    import yaml  # only when there is a file: a sidecar configured by environment never loads it
+
     try:
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)

@@ -72,3 +72,54 @@ def test_console_format_is_readable() -> None:
     structlog.get_logger("t").info("access", status=200)
     line = buf.getvalue()
     assert "access" in line and "status=200" in line and not line.startswith("{")
+
+
+def test_the_fast_access_renderer_says_what_the_generic_chain_says() -> None:
+    fields = dict(method="GET", path='/api/v3/partners/a"b\\c\u00e9', status=201, upstream_status=None,
+                  duration_ms=1.25, replayed=True, request_id="rid-1")
+    generic_buf, redactor = capture("info")
+    structlog.get_logger("t").info("access", **fields)
+    fast_buf = io.StringIO()
+    logs.configure("info", "json", stream=fast_buf, cache=False)
+    logs.access_logger(redactor).info("access", **fields)
+    generic, fast = json.loads(generic_buf.getvalue()), json.loads(fast_buf.getvalue())
+    assert generic.pop("timestamp")[:10] == fast.pop("timestamp")[:10]
+    assert fast == generic
+
+
+def test_the_fast_access_renderer_scrubs_what_clients_control() -> None:
+    buf = io.StringIO()
+    redactor = logs.configure("info", "json", stream=buf, cache=False)
+    redactor.add("known-secret-value")
+    logs.access_logger(redactor).info(
+        "access", method="GET", path="/x/known-secret-value", status=200, upstream_status=200,
+        duration_ms=1.0, replayed=False, request_id="Bearer abc.def",
+    )
+    out = buf.getvalue()
+    assert "known-secret-value" not in out and "abc.def" not in out
+
+
+def test_info_lines_are_batched_and_errors_flush_at_once() -> None:
+    buf = io.StringIO()
+    logs.configure("info", "json", stream=buf, cache=False, buffered=True)
+    log = structlog.get_logger("t")
+    log.info("first")  # no running loop here: written at once rather than never
+    assert "first" in buf.getvalue()
+    log.error("second")
+    assert "second" in buf.getvalue()
+
+
+async def test_info_lines_wait_for_the_flush_inside_the_loop() -> None:
+    import asyncio
+
+    buf = io.StringIO()
+    logs.configure("info", "json", stream=buf, cache=False, buffered=True)
+    log = structlog.get_logger("t")
+    log.info("batched")
+    assert buf.getvalue() == ""
+    log.warning("urgent")  # a warning takes what waits with it, in order
+    lines = [json.loads(line)["event"] for line in buf.getvalue().splitlines()]
+    assert lines == ["batched", "urgent"]
+    log.info("later")
+    await asyncio.sleep(logs.FLUSH_INTERVAL * 2)  # the subject: the timed flush
+    assert "later" in buf.getvalue()
