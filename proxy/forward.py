@@ -173,17 +173,21 @@ class Forwarder:
         body = await self._read_body(request)
         token = await self._tokens.get()
         upstream = await self._send(request, target, token, body, request_id)
-        outcome.upstream_status = upstream.status
-        if upstream.status == 401 and blames_token(upstream.headers.get("WWW-Authenticate")):
-            self._tokens.invalidate(token)
-            if self._retry_on_401 and body.replayable:
-                await _discard(upstream)
-                token = await self._tokens.get()
-                upstream = await self._send(request, target, token, body, request_id)
-                outcome.upstream_status = upstream.status
-                outcome.replayed = True
-                self._stats.replays += 1
-        return await self._stream_back(request, upstream, request_id, outcome.replayed)
+        try:
+            outcome.upstream_status = upstream.status
+            if upstream.status == 401 and blames_token(upstream.headers.get("WWW-Authenticate")):
+                self._tokens.invalidate(token)
+                if self._retry_on_401 and body.replayable:
+                    await _discard(upstream)
+                    token = await self._tokens.get()
+                    upstream = await self._send(request, target, token, body, request_id)
+                    outcome.upstream_status = upstream.status
+                    outcome.replayed = True
+                    self._stats.replays += 1
+            return await self._stream_back(request, upstream, request_id, outcome.replayed)
+        except BaseException:
+            upstream.close()  # whatever happened (the client left, no token for the replay), the
+            raise  # connection slot comes back; a no-op when the answer was already dealt with
 
     def _admit(self, request: web.BaseRequest) -> str:
         """The request target to forward, once the request passes every rule."""

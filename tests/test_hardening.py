@@ -214,7 +214,10 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_clients_vanishing_mid_upload_and_mid_download_leak_nothing(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize("max_connections", [1, 100])
+async def test_clients_vanishing_mid_upload_and_mid_download_leak_nothing(
+    start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession, max_connections: int
+) -> None:
     upstream_ends: list[str] = []
     receiving = asyncio.Event()
 
@@ -240,7 +243,8 @@ async def test_clients_vanishing_mid_upload_and_mid_download_leak_nothing(start_
 
     fake.api_faults["sink"] = slow_sink
     fake.api_faults["endless"] = endless
-    proxy = await start_proxy({"forwarding.replay_buffer_bytes": 1000})
+    # with one upstream connection, a single leaked slot would hang every later request
+    proxy = await start_proxy({"forwarding.replay_buffer_bytes": 1000, "upstream.max_connections": max_connections})
     assert proxy.address is not None
     assert await get(http, proxy) == 200  # warm: token, pool
     gc.collect()
