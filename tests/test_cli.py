@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -274,3 +275,30 @@ async def test_mock_upstream_command(command: MakeCommand) -> None:
             assert resp.status == 200
     cmd.signal(signal.SIGTERM)
     assert await cmd.wait() == 0
+
+
+async def test_console_logs_are_coloured_on_a_terminal(command: MakeCommand) -> None:
+    import os
+    import pty
+
+    main_fd, sub_fd = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "demo", "--listen", "127.0.0.1:0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=sub_fd,
+        env={k: v for k, v in os.environ.items() if not k.startswith("NDOVU_")},
+    )
+    os.close(sub_fd)
+    seen = b""
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while b"listening" not in seen and loop.time() < deadline:
+            seen += await asyncio.wait_for(loop.run_in_executor(None, os.read, main_fd, 4096), 15)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+        os.close(main_fd)
+    assert b"listening" in seen
+    assert b"\x1b[" in seen  # ANSI colours: auto picked the console format on a TTY
+    assert not seen.lstrip().startswith(b"{")
+

@@ -122,3 +122,27 @@ async def test_a_pooled_connection_closed_by_the_origin_is_not_a_failure(aiohttp
         async with http.get(url(proxy, f"{API}/x")) as resp:
             assert resp.status == 200
         await asyncio.sleep(0.1)  # the subject: idle longer than the origin keeps a connection
+
+
+async def test_requests_wait_for_a_connection_when_the_pool_is_full(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:
+    import asyncio
+
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(_request: web.Request) -> web.StreamResponse:
+        reached.set()
+        await release.wait()
+        return web.Response(text="slow")
+
+    fake.api_faults["slow"] = slow
+    proxy = await start_proxy({"upstream.max_connections": 1})
+    first = asyncio.create_task(http.get(url(proxy, f"{API}/slow")))
+    await asyncio.wait_for(reached.wait(), 5)
+    second = asyncio.create_task(http.get(url(proxy, f"{API}/quick")))
+    done, _ = await asyncio.wait({second}, timeout=0.3)
+    assert not done  # waiting for the one connection, not failing
+    release.set()
+    for task in (first, second):
+        resp = await asyncio.wait_for(task, 5)
+        assert resp.status == 200
+        resp.release()
