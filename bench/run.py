@@ -331,8 +331,8 @@ def table(results: list[Result], notes: dict[str, dict[str, float]], auth_calls:
             values[c] = v
             flag = " INVALID" if r and (r.non2xx or r.errors) else ""
             cells.append(f"{v:.3f}{flag}" if attr.endswith("ms") else f"{v:,.0f}{flag}")
-        ratio = lambda other: f"{values['ndovu-proxy'] / values[other]:.2f}x" if values[other] else "-"  # noqa: E731
-        rows.append(f"| {label} | {' | '.join(cells)} | {ratio('direct')} | {ratio('nginx-proxy')} | {ratio('naive-aiohttp')} |")
+        ratios = [f"{values['ndovu-proxy'] / values[o]:.2f}x" if values[o] else "-" for o in ("direct", "nginx-proxy", "naive-aiohttp")]
+        rows.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     for key, label in (("idle_rss_mib", "idle RSS (MiB)"), ("peak_rss_mib", "peak RSS (MiB)"), ("startup_s", "start-up to listening (s)")):
         cells = ["-"] + [f"{notes.get(c, {}).get(key, 0):g}" for c in contenders[1:]]
         rows.append(f"| {label} | {' | '.join(cells)} | | | |")
