@@ -6,70 +6,33 @@ SHA-256 fingerprint, never the token.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 
 from proxy.metrics import Stats
 from proxy.tokens import TokenCache
 
-class TokenState(Protocol):
-    @property
-    def fetches(self) -> Counter[str]: ...
-    def seconds_left(self) -> float | None: ...
 
+class Exporter:
+    """/metrics. prometheus-client (and what it imports) is loaded at the first scrape: a
+    sidecar nobody scrapes does not carry it."""
 
-class ProxyCollector(Collector):
-    """Builds the metric families at scrape time from `Stats` and the token cache."""
-
-    def __init__(self, stats: Stats, tokens: TokenState) -> None:
+    def __init__(self, stats: Stats, tokens: TokenCache) -> None:
         self._stats = stats
         self._tokens = tokens
+        self._registry: Any = None
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        s = self._stats
-        requests = CounterMetricFamily(
-            "ndovu_proxy_requests", "Responses sent to clients, the proxy's own included.",
-            labels=("method", "status_class"),
-        )
-        for (method, status_class), n in sorted(s.requests.items()):
-            requests.add_metric((method, status_class), n)
-        yield requests
-        yield HistogramMetricFamily(
-            "ndovu_proxy_upstream_latency_seconds",
-            "Time to the upstream's response headers, one observation per attempt.",
-            buckets=s.latency_buckets(),
-            sum_value=s.latency_sum,
-        )
-        yield CounterMetricFamily(
-            "ndovu_proxy_replays", "Requests replayed after an upstream 401.", value=s.replays
-        )
-        fetches = CounterMetricFamily(
-            "ndovu_proxy_token_fetches", "Token requests to the auth endpoint by result.",
-            labels=("result",),
-        )
-        for result in ("success", "rejected", "error"):
-            fetches.add_metric((result,), self._tokens.fetches[result])
-        yield fetches
-        left = self._tokens.seconds_left()
-        yield GaugeMetricFamily(
-            "ndovu_proxy_token_expires_in_seconds",
-            "Seconds until the current token expires (0 when there is none).",
-            value=max(0.0, left) if left is not None else 0.0,
-        )
-        yield GaugeMetricFamily(
-            "ndovu_proxy_in_flight_requests", "Requests being handled now.", value=s.in_flight
-        )
+    def render(self) -> tuple[bytes, str]:
+        from proxy import exposition
 
+        if self._registry is None:
+            self._registry = exposition.registry(self._stats, self._tokens)
+        return exposition.render(self._registry)
 
 TOKENS = web.AppKey("tokens", TokenCache)
-REGISTRY = web.AppKey("registry", CollectorRegistry)
+EXPORTER = web.AppKey("exporter", Exporter)
 
 
 def _rfc3339(epoch: float) -> str:
@@ -94,8 +57,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = request.app[EXPORTER].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def tokenz(request: web.Request) -> web.Response:
@@ -124,9 +87,7 @@ async def tokenz(request: web.Request) -> web.Response:
 def make_app(tokens: TokenCache, stats: Stats) -> web.Application:
     app = web.Application()
     app[TOKENS] = tokens
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(ProxyCollector(stats, tokens))
-    app[REGISTRY] = registry
+    app[EXPORTER] = Exporter(stats, tokens)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
