@@ -204,6 +204,7 @@ class Upstream:
             else:
                 transport.write(head)
                 writer = asyncio.ensure_future(self._write_body(proto, body, chunked=b"Transfer-Encoding: chunked" in head))
+                writer.add_done_callback(_retrieve)  # its failure is told through the protocol
             while True:
                 message, payload = await proto.read()
                 if not 100 <= message.code < 200 or message.code == 101:
@@ -243,3 +244,8 @@ class Upstream:
             proto.set_exception(exc if isinstance(exc, Exception) else ConnectionError("body aborted"))
             transport.abort()
             raise
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
