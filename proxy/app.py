@@ -34,6 +34,10 @@ USER_AGENT = "ndovu-proxy"
 #: headers aiohttp's client would add on its own; a transparent proxy must not invent them
 #: (an invented Accept-Encoding would get the app a compressed body it never asked for)
 NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+#: seconds a client connection may sit idle, or with a request's headers unfinished, before it
+#: is closed (aiohttp's keep-alive timer runs from the connection's start): a slow-header
+#: client cannot hold a connection longer than this
+CLIENT_IDLE_TIMEOUT = 75.0
 #: extra time, past shutdown_timeout, for cancelled handlers to unwind
 SHUTDOWN_GRACE = 2.0
 
@@ -124,7 +128,9 @@ class Proxy:
         access = logs.access_logger(self.redactor) if s.logging.access_log else None
         self.upstream = make_upstream(s)
         forwarder = Forwarder(s, self.upstream, self.tokens, self.stats, access)
-        server = web.Server(forwarder, handler_cancellation=True, access_log=None)
+        server = web.Server(
+            forwarder, handler_cancellation=True, access_log=None, keepalive_timeout=CLIENT_IDLE_TIMEOUT
+        )
         # aiohttp reads a shutdown_timeout of 0 as "no limit"; keep it a real bound
         drain = max(s.shutdown_timeout, 0.001)
         self.address = await self._listen(web.ServerRunner(server, shutdown_timeout=drain), s.listen)

@@ -356,3 +356,19 @@ async def test_slow_header_clients_do_not_starve_others(start_proxy: StartProxy,
         for writer in slow:
             writer.transport.abort()
     assert all(r.headers.get("X-Slow") is None for r in fake.api_log)
+
+
+async def test_slow_header_clients_are_closed_after_the_idle_timeout(
+    start_proxy: StartProxy, fake: FakeNdovu, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.app
+
+    monkeypatch.setattr(proxy.app, "CLIENT_IDLE_TIMEOUT", 0.3)
+    proxy_ = await start_proxy()
+    assert proxy_.address is not None
+    reader, writer = await asyncio.open_connection(proxy_.address.host, proxy_.address.port)
+    writer.write(b"GET /api/v3/partners/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, with nothing forwarded
+    writer.close()
+    assert fake.api_log == []
