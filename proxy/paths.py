@@ -21,6 +21,8 @@ _MAX_ROUNDS = 4
 
 def normalise(raw_path: str) -> str:
     """The path as judged; raises BadRequest when it cannot be decoded."""
+    if "%" not in raw_path and "\\" not in raw_path and "/." not in raw_path and "\x00" not in raw_path:
+        return raw_path  # nothing to decode and no dot segment: already normal (most requests)
     if _BAD_ESCAPE.search(raw_path):
         raise BadRequest("the request path has a malformed %-escape")
     path = raw_path

@@ -67,3 +67,9 @@ def test_normalise_never_crashes(text: str) -> None:
         return
     assert out.startswith("/")
     assert "\x00" not in out
+
+
+@given(st.lists(st.sampled_from(["api", "v3", "partners", "", "x.y", "a..b", "..", ".", "~", "-_"]), max_size=10))
+def test_the_shortcut_for_plain_paths_agrees_with_the_full_algorithm(segments: list[str]) -> None:
+    raw = "/" + "/".join(segments)
+    assert paths.normalise(raw) == paths.remove_dot_segments(raw)
