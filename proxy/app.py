@@ -135,7 +135,9 @@ class Proxy:
         drain = max(s.shutdown_timeout, 0.001)
         self.address = await self._listen(web.ServerRunner(server, shutdown_timeout=drain), s.listen)
         if s.admin_listen is not None:
-            from proxy import admin  # with prometheus-client: only loaded when the listener is on
+            from proxy import (
+                admin,  # with prometheus-client: only loaded when the listener is on
+            )
 
             admin_app = admin.make_app(self.tokens, self.stats)
             self.admin_address = await self._listen(
@@ -172,8 +174,12 @@ class Proxy:
         cut what is left."""
         in_flight = self.stats.in_flight
         log.info("shutting_down", in_flight=in_flight, drain_timeout_s=self.settings.shutdown_timeout)
-        for runner in self._runners:  # the proxy listener first; the admin one answers meanwhile
-            # stops the listener first, then waits for handlers up to the runner's bound
+        if self._runners:
+            for site in list(self._runners[0].sites):  # the proxy listener: new connections refused
+                await site.stop()
+            log.info("listener_closed", address=str(self.address))
+        for runner in self._runners:  # the proxy first; the admin listener answers meanwhile
+            # waits for the proxy's handlers up to the runner's bound, then cancels them
             try:
                 await asyncio.wait_for(runner.cleanup(), self.settings.shutdown_timeout + SHUTDOWN_GRACE)
             except TimeoutError:

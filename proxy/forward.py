@@ -44,7 +44,7 @@ from proxy.errors import (
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.metrics import Stats
 from proxy.tokens import Token
-from proxy.upstream import Exchange, Upstream
+from proxy.upstream import ConnectFailed, Exchange, Upstream
 
 log = structlog.get_logger("proxy.forward")
 
@@ -186,8 +186,10 @@ class Forwarder:
                     self._stats.replays += 1
             return await self._stream_back(request, upstream, request_id, outcome.replayed)
         except BaseException:
-            upstream.close()  # whatever happened (the client left, no token for the replay), the
-            raise  # connection slot comes back; a no-op when the answer was already dealt with
+            # whatever happened (the client left mid-answer, no token for the replay), the
+            # connection is not reused and its slot comes back; a no-op once released
+            upstream.close()
+            raise
 
     def _admit(self, request: web.BaseRequest) -> str:
         """The request target to forward, once the request passes every rule."""
@@ -307,9 +309,6 @@ class Forwarder:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        except BaseException:
-            upstream.close()  # the client went away: do not return a half-read connection
-            raise
         upstream.release()
         await response.write_eof()
         return response
@@ -332,7 +331,7 @@ def _upstream_error(exc: BaseException) -> ProxyError:
     """The one place that turns a client-side failure into the proxy's error."""
     if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
         return UpstreamTimeout("the partner API did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return UpstreamUnreachable("cannot connect to the partner API")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return UpstreamUnreachable("the connection to the partner API failed")

@@ -16,9 +16,9 @@ import re
 import sys
 import time
 from collections import deque
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _json_str
-from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog

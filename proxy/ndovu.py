@@ -21,7 +21,12 @@ from typing import Any
 import aiohttp
 import structlog
 
-from proxy.errors import AuthUnreachable, BadAuthResponse, CredentialsRejected, RateLimited
+from proxy.errors import (
+    AuthUnreachable,
+    BadAuthResponse,
+    CredentialsRejected,
+    RateLimited,
+)
 from proxy.tokens import Grant
 
 log = structlog.get_logger("proxy.ndovu")

@@ -31,7 +31,13 @@ from typing import Protocol
 
 import structlog
 
-from proxy.errors import AuthError, AuthUnreachable, CredentialsRejected, RateLimited, TokenUnavailable
+from proxy.errors import (
+    AuthError,
+    AuthUnreachable,
+    CredentialsRejected,
+    RateLimited,
+    TokenUnavailable,
+)
 
 log = structlog.get_logger("proxy.tokens")
 
@@ -54,7 +60,6 @@ class Grant:
 
     value: str
     lifetime: float
-    token_type: str = "Bearer"
 
     def __repr__(self) -> str:
         return f"Grant(lifetime={self.lifetime}, value=<hidden>)"
@@ -280,9 +285,6 @@ class TokenCache:
         """Seconds until the current token expires (negative once it has); None without one."""
         token = self._token
         return None if token is None else token.expires_at - self._clock.monotonic()
-
-    def seconds_to_next_attempt(self) -> float:
-        return max(0.0, self._next_attempt_at - self._clock.monotonic())
 
 
 def _consume_exception(task: asyncio.Task[Token]) -> None:

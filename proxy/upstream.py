@@ -41,6 +41,10 @@ WRITE_HIGH_WATER = 2**16
 Body = bytes | AsyncIterator[bytes] | None
 
 
+class ConnectFailed(ConnectionError):
+    """No connection to the origin could be opened (a timeout stays a TimeoutError)."""
+
+
 class Exchange:
     """One response: status, headers, and the body as a stream (`content`)."""
 
@@ -113,11 +117,16 @@ class Upstream:
 
     async def _connect(self) -> ResponseHandler:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._connect_timeout):
-            transport, proto = await loop.create_connection(
-                lambda: ResponseHandler(loop), self._host, self._port,
-                ssl=self._ssl, server_hostname=self._host if self._ssl else None,
-            )
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                transport, proto = await loop.create_connection(
+                    lambda: ResponseHandler(loop), self._host, self._port,
+                    ssl=self._ssl, server_hostname=self._host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise
+        except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
+            raise ConnectFailed(f"cannot connect to {self.host_header}: {exc.strerror or type(exc).__name__}") from exc
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -209,7 +218,7 @@ class Upstream:
                 message, payload = await proto.read()
                 if not 100 <= message.code < 200 or message.code == 101:
                     break  # interim answers (100 Continue) are skipped
-            if writer is not None and writer.done() and writer.exception() is not None:
+            if writer is not None and writer.done() and not writer.cancelled() and writer.exception() is not None:
                 raise writer.exception()  # type: ignore[misc]
         except BaseException:
             if writer is not None:

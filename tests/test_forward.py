@@ -385,7 +385,7 @@ async def test_upstream_refused_is_502(start_proxy: StartProxy, fake: FakeNdovu,
     async with http.get(url(proxy, f"{API}/x")) as resp:
         assert resp.status == 502
         assert resp.headers["X-Ndovu-Proxy-Error"] == "upstream_unreachable"
-        assert (await resp.json())["error"] == "upstream_unreachable"
+        assert await resp.json() == {"error": "upstream_unreachable", "message": "cannot connect to the partner API"}
 
 
 async def test_upstream_reset_is_502(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:
@@ -494,9 +494,8 @@ async def test_a_body_cut_short_upstream_aborts_the_client_response(
             resp.content_length = 100_000
         await resp.prepare(request)
         await resp.write(b"z" * 1000)
-        await asyncio.sleep(0.05)
         assert request.transport is not None
-        request.transport.abort()
+        request.transport.close()  # a clean close, before the declared length or the last chunk
         return resp
 
     fake.api_faults["cut"] = cut
@@ -624,7 +623,6 @@ async def test_client_disconnect_mid_download_cancels_the_upstream(
         try:
             for _ in range(10_000):
                 await resp.write(b"d" * 65536)
-                await asyncio.sleep(0.001)
             outcome.append("finished")
         except (ConnectionError, asyncio.CancelledError):
             outcome.append("cut")
