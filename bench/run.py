@@ -40,6 +40,7 @@ SMALL = json.dumps({"id": "prd_001", "name": "Maize flour 2 kg", "description": 
                     "price": {"amount": 21500, "currency": "KES"}, "in_stock": True}, separators=(",", ":"))
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 LOAD_CPU, PROXY_CPU = "0", "1"
+CONTENDERS = ("direct", "nginx-proxy", "naive-aiohttp", "ndovu-proxy")
 
 
 @dataclass
@@ -273,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     notes: dict[str, dict[str, float]] = {}
     try:
         wait_port(up_port, upstream)
-        for name in ("direct", "nginx-proxy", "naive-aiohttp", "ndovu-proxy"):
+        for name in args.contenders:
             direct = name == "direct"
             contender = None if direct else Contender(name, tmp, up_port)
             try:
@@ -319,7 +320,7 @@ def table(results: list[Result], notes: dict[str, dict[str, float]], auth_calls:
         ("POST 4KiB c16 (req/s)", "POST 4KiB c16", "rps", True),
         ("GET 10MiB c4 (MB/s)", "GET 10MiB c4", "mbps", True),
     ]
-    contenders = ["direct", "nginx-proxy", "naive-aiohttp", "ndovu-proxy"]
+    contenders = list(CONTENDERS)
     head = f"| figure | {' | '.join(contenders)} | ndovu vs direct | ndovu vs nginx-proxy | ndovu vs naive |"
     rows.append(head)
     rows.append("|" + "---|" * (len(contenders) + 4))
@@ -344,6 +345,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5, help="length of each wrk run (default 5)")
     parser.add_argument("--json", metavar="PATH", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS), metavar="NAME",
+                        help=f"which to run, in order (default: {' '.join(CONTENDERS)})")
     return run(parser.parse_args())
 
 

@@ -1,10 +1,9 @@
-"""Assembles the running proxy: one ClientSession, the token cache and its refresher, the
+"""Assembles the running proxy: the token cache and its refresher, the upstream pool, the
 proxy listener and the admin listener; and how they start, reload and stop.
 
-The proxy listener is aiohttp's low-level `web.Server` with the forwarder as its only
-handler: a proxy has no routes, and the router would answer `CONNECT host:port` with 404
-before any handler could refuse it properly. The admin listener is an ordinary
-`web.Application`.
+The proxy listener (`proxy.listener`) hands every request to the forwarder: a proxy has no
+routes (aiohttp's router would answer `CONNECT host:port` with 404 before any handler could
+refuse it properly). The admin listener is an ordinary aiohttp `web.Application`.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from aiohttp import web
 from proxy import logs
 from proxy.config import Address, Settings, read_secret_file
 from proxy.forward import Forwarder
+from proxy.listener import Listener
 from proxy.logs import Redactor
 from proxy.metrics import Stats
 from proxy.ndovu import NdovuAuth
@@ -35,11 +35,8 @@ USER_AGENT = "ndovu-proxy"
 #: (an invented Accept-Encoding would get the app a compressed body it never asked for)
 NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 #: seconds a client connection may sit idle, or with a request's headers unfinished, before it
-#: is closed (aiohttp's keep-alive timer runs from the connection's start): a slow-header
-#: client cannot hold a connection longer than this
+#: is closed: a slow-header client cannot hold a connection longer than this
 CLIENT_IDLE_TIMEOUT = 75.0
-#: extra time, past shutdown_timeout, for cancelled handlers to unwind
-SHUTDOWN_GRACE = 2.0
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | bool:
@@ -101,7 +98,8 @@ class Proxy:
         self.tokens: TokenCache | None = None
         self.upstream: Upstream | None = None
         self._refresher: asyncio.Task[None] | None = None
-        self._runners: list[web.BaseRunner] = []
+        self._listener: Listener | None = None
+        self._admin: web.AppRunner | None = None
         self.address: Address | None = None
         self.admin_address: Address | None = None
 
@@ -128,35 +126,24 @@ class Proxy:
         access = logs.access_logger(self.redactor) if s.logging.access_log else None
         self.upstream = make_upstream(s)
         forwarder = Forwarder(s, self.upstream, self.tokens, self.stats, access)
-        server = web.Server(
-            forwarder, handler_cancellation=True, access_log=None, keepalive_timeout=CLIENT_IDLE_TIMEOUT
-        )
-        # aiohttp reads a shutdown_timeout of 0 as "no limit"; keep it a real bound
-        drain = max(s.shutdown_timeout, 0.001)
-        self.address = await self._listen(web.ServerRunner(server, shutdown_timeout=drain), s.listen)
+        self._listener = Listener(forwarder, forwarder.refuse, idle_timeout=CLIENT_IDLE_TIMEOUT)
+        self.address = Address(*await self._listener.start(s.listen.host, s.listen.port))
         if s.admin_listen is not None:
             from proxy import (
                 admin,  # with prometheus-client: only loaded when the listener is on
             )
 
-            admin_app = admin.make_app(self.tokens, self.stats)
-            self.admin_address = await self._listen(
-                web.AppRunner(admin_app, access_log=None, shutdown_timeout=1), s.admin_listen
-            )
+            self._admin = web.AppRunner(admin.make_app(self.tokens, self.stats), access_log=None, shutdown_timeout=1)
+            await self._admin.setup()
+            site = web.TCPSite(self._admin, s.admin_listen.host, s.admin_listen.port, reuse_address=True)
+            await site.start()
+            self.admin_address = Address(*self._admin.addresses[0][:2])
         log.info(
             "listening",
             address=str(self.address),
             admin_address=str(self.admin_address) if self.admin_address else None,
             upstream=s.upstream.url,
         )
-
-    async def _listen(self, runner: web.BaseRunner, where: Address) -> Address:
-        await runner.setup()
-        self._runners.append(runner)
-        site = web.TCPSite(runner, where.host, where.port, reuse_address=True)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        return Address(host, port)
 
     async def reload(self) -> None:
         """SIGHUP: a token with the credentials as they now stand; the current one stays on failure."""
@@ -174,17 +161,16 @@ class Proxy:
         cut what is left."""
         in_flight = self.stats.in_flight
         log.info("shutting_down", in_flight=in_flight, drain_timeout_s=self.settings.shutdown_timeout)
-        if self._runners:
-            for site in list(self._runners[0].sites):  # the proxy listener: new connections refused
-                await site.stop()
+        if self._listener is not None:
+            self._listener.close()  # new connections refused, idle ones closed
             log.info("listener_closed", address=str(self.address))
-        for runner in self._runners:  # the proxy first; the admin listener answers meanwhile
-            # waits for the proxy's handlers up to the runner's bound, then cancels them
-            try:
-                await asyncio.wait_for(runner.cleanup(), self.settings.shutdown_timeout + SHUTDOWN_GRACE)
-            except TimeoutError:
-                log.warning("shutdown_cut", reason="handlers still running past shutdown_timeout")
-        self._runners.clear()
+            # the admin listener answers meanwhile
+            if not await self._listener.drain(self.settings.shutdown_timeout):
+                log.warning("shutdown_cut", reason="requests still running past shutdown_timeout")
+            self._listener = None
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -19,15 +19,19 @@ import asyncio
 import hmac
 import ipaddress
 import itertools
+import json
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any, Protocol
 
 import aiohttp
 import structlog
-from aiohttp import StreamReader, web
+from aiohttp import StreamReader
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
 from proxy import paths
 from proxy.config import Settings
@@ -42,6 +46,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.headers import client_response_headers, upstream_request_headers
+from proxy.listener import Request
 from proxy.metrics import Stats
 from proxy.tokens import Token
 from proxy.upstream import ConnectFailed, Exchange, Upstream
@@ -79,13 +84,15 @@ def blames_token(www_authenticate: str | None) -> bool:
     return m is None or m.group(1).lower() in ("", "invalid_token")
 
 
-def error_response(exc: ProxyError, request_id: str) -> web.Response:
-    headers = {ERROR_HEADER: exc.code, "X-Request-ID": request_id}
+def send_error(request: Request, exc: ProxyError, request_id: str) -> None:
+    """The proxy's own answer: JSON `{"error", "message"}` and X-Ndovu-Proxy-Error."""
+    headers: CIMultiDict[str] = CIMultiDict(
+        {"Content-Type": "application/json; charset=utf-8", ERROR_HEADER: exc.code, "X-Request-ID": request_id}
+    )
     if isinstance(exc, TokenUnavailable):
         headers["Retry-After"] = str(exc.retry_after)
-    return web.json_response(
-        {"error": exc.code, "message": exc.message}, status=exc.status, headers=headers
-    )
+    body = json.dumps({"error": exc.code, "message": exc.message}).encode()
+    request.respond(exc.status, HTTPStatus(exc.status).phrase, headers, body)
 
 
 class _Body:
@@ -131,7 +138,7 @@ class Forwarder:
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> None:
         started = time.perf_counter()
         request_id = request.headers.get("X-Request-ID", "")
         if not _REQUEST_ID.fullmatch(request_id):
@@ -140,11 +147,13 @@ class Forwarder:
         self._stats.in_flight += 1
         try:
             try:
-                response = await self._forward(request, request_id, outcome)
+                await self._forward(request, request_id, outcome)
             except ProxyError as exc:
-                response = error_response(exc, request_id)
-            outcome.status = response.status
-            return response
+                if request.answered:  # too late for an error answer: cut the connection
+                    request.abort()
+                else:
+                    send_error(request, exc, request_id)
+                outcome.status = exc.status
         except asyncio.CancelledError:
             outcome.status = CLIENT_CLOSED
             raise
@@ -156,7 +165,7 @@ class Forwarder:
                 self._access_log.info(
                     "access",
                     method=request.method,
-                    path=request.raw_path.partition("?")[0],
+                    path=request.target.partition("?")[0],
                     status=outcome.status,
                     upstream_status=outcome.upstream_status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -164,11 +173,17 @@ class Forwarder:
                     request_id=request_id,
                 )
 
+    def refuse(self, request: Request, exc: HttpProcessingError) -> None:
+        """A request the parser could not read: 400, and the connection closes. The bytes it
+        came with are not logged (they may hold a header value)."""
+        request_id = f"{self._id_prefix}{next(self._ids):016x}"
+        log.info("malformed_request", error=type(exc).__name__, request_id=request_id)
+        self._stats.count_response("other", 400)
+        send_error(request, BadRequest("the request is not valid HTTP/1.1"), request_id)
+
     # --- the steps --------------------------------------------------------------------
 
-    async def _forward(
-        self, request: web.BaseRequest, request_id: str, outcome: _Outcome
-    ) -> web.StreamResponse:
+    async def _forward(self, request: Request, request_id: str, outcome: _Outcome) -> None:
         target = self._admit(request)
         body = await self._read_body(request)
         token = await self._tokens.get()
@@ -184,16 +199,17 @@ class Forwarder:
                     outcome.upstream_status = upstream.status
                     outcome.replayed = True
                     self._stats.replays += 1
-            return await self._stream_back(request, upstream, request_id, outcome.replayed)
+            outcome.status = upstream.status
+            await self._stream_back(request, upstream, request_id, outcome.replayed)
         except BaseException:
             # whatever happened (the client left mid-answer, no token for the replay), the
             # connection is not reused and its slot comes back; a no-op once released
             upstream.close()
             raise
 
-    def _admit(self, request: web.BaseRequest) -> str:
+    def _admit(self, request: Request) -> str:
         """The request target to forward, once the request passes every rule."""
-        target = request.raw_path  # the request target exactly as received
+        target = request.target
         if request.method == "CONNECT" or not target.startswith("/") and "://" in target:
             # the proxy only ever talks to upstream.url (SPEC: Forwarding)
             raise MethodNotAllowed("the proxy forwards origin-form requests only; no CONNECT")
@@ -221,7 +237,7 @@ class Forwarder:
             return False
         return any(addr in net for net in self._allowed_clients)
 
-    async def _read_body(self, request: web.BaseRequest) -> _Body:
+    async def _read_body(self, request: Request) -> _Body:
         body = _Body()
         if not request.body_exists:
             return body
@@ -231,7 +247,7 @@ class Forwarder:
         if request.version >= HTTP_11 and request.headers.get("Expect", "").lower() == "100-continue":
             # the client holds its body back until told to go on (RFC 9110 §10.1.1); .NET's
             # HttpWebRequest does this for every POST. Said only once the request is admitted.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.send_continue()
         content = request.content
         if length is not None and length <= self._replay_limit:
             body.data = await content.read()
@@ -265,7 +281,7 @@ class Forwarder:
             yield chunk
 
     async def _send(
-        self, request: web.BaseRequest, target: str, token: Token, body: _Body, request_id: str
+        self, request: Request, target: str, token: Token, body: _Body, request_id: str
     ) -> Exchange:
         headers = upstream_request_headers(
             request.headers, authorization=token.header, request_id=request_id
@@ -282,36 +298,32 @@ class Forwarder:
             self._stats.observe_upstream(time.perf_counter() - started)
         return response
 
-    async def _stream_back(
-        self, request: web.BaseRequest, upstream: Exchange, request_id: str,
-        replayed: bool,
-    ) -> web.StreamResponse:
+    async def _stream_back(self, request: Request, upstream: Exchange, request_id: str, replayed: bool) -> None:
         headers = client_response_headers(upstream.headers, request_id=request_id)
         if replayed:
             headers[RETRIED_HEADER] = "1"
-        if upstream.content.is_eof() and request.method != "HEAD" and upstream.status not in NO_BODY:
-            # The whole body came in with the headers (most partner API answers): send status,
-            # headers and body in one write instead of three. Nothing waits for anything.
-            body = upstream.content.read_nowait(-1)
+        length = headers.popall(CONTENT_LENGTH, None)  # the writer sets it again, once
+        content = upstream.content
+        if content.is_eof() and request.method != "HEAD" and upstream.status not in NO_BODY:
+            # The whole body came in with the headers (most partner API answers): status,
+            # headers and body go out in one write. A chunked answer becomes a sized one.
+            body = content.read_nowait(-1)
             upstream.release()
-            headers.popall(CONTENT_LENGTH, None)  # set again from the body; chunked becomes sized
-            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            request.respond(upstream.status, upstream.reason, headers, body)
+            return
+        request.start(upstream.status, upstream.reason, headers, upstream.content_length if length else None)
         try:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            async for chunk in content.iter_any():
+                await request.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # the upstream failed mid-body: abort so the client cannot take a short body
             # for a whole one (a clean end would look complete for a chunked response)
             log.warning("upstream_aborted", error=type(exc).__name__, request_id=request_id)
             upstream.close()
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+            request.abort()
+            return
         upstream.release()
-        await response.write_eof()
-        return response
+        request.end()
 
 
 async def _discard(response: Exchange) -> None:

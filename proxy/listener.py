@@ -1,0 +1,408 @@
+"""The proxy's HTTP/1.1 listener: asyncio protocols and aiohttp's C request parser.
+
+aiohttp's `web.Server` builds a request object, a handler task, a response object and its
+header multidict for every request; with a trivial handler it serves about half the
+requests a second that a bare protocol with the same C parser does (bench/README.md). A
+proxy has no routes, middleware, cookies or forms, so this module keeps only the parts a
+proxy needs: aiohttp's parser (`HttpRequestParser`, the same limits and the same 400s for
+malformed requests), its `StreamReader` for request bodies with flow control, and a
+response writer that sends status line, headers and a small body in one write.
+
+Invariants:
+- requests on one connection are answered one at a time, in order (pipelined requests wait
+  in a short queue; reading pauses when it is full);
+- a response is either complete, or the connection is aborted: a client never takes a short
+  body for a whole one;
+- a connection is kept only when both sides allow it, the request body was read to the end
+  and the response's length was known; else it is closed after the response;
+- a connection idle, or with a request's headers unfinished, for `idle_timeout` is closed;
+- when the client goes away, the handler working for it is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import HttpVersion
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+
+#: pipelined requests held before reading from the client pauses
+MAX_PIPELINE = 16
+READ_BUFSIZE = 2**16
+#: an unread request body up to this many bytes is read and dropped after the response, and
+#: the connection kept; past it, the connection closes once the rest has been drained
+DISCARD_LIMIT = 2**16
+#: seconds a closing connection keeps reading an unread request body, so that the client reads
+#: the answer rather than a reset (nginx's lingering close)
+LINGER = 2.0
+HTTP_10 = HttpVersion(1, 0)
+HTTP_11 = HttpVersion(1, 1)
+#: statuses whose responses never have a body (RFC 9110 §6.4.1)
+NO_BODY = frozenset({204, 304})
+
+Handler = Callable[["Request"], Awaitable[None]]
+Refuser = Callable[["Request", HttpProcessingError], None]
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+class Request:
+    """One request as it came in, and the one way to answer it."""
+
+    __slots__ = ("method", "target", "version", "headers", "content", "remote", "keep_alive", "_conn",
+                 "_started", "_done", "_chunked", "_continued")
+
+    def __init__(self, conn: Connection, method: str, target: str, version: HttpVersion,
+                 headers: CIMultiDictProxy[str], content: StreamReader, keep_alive: bool) -> None:
+        self.method = method
+        self.target = target  # the request target exactly as received
+        self.version = version
+        self.headers = headers
+        self.content = content
+        self.remote = conn.remote
+        self.keep_alive = keep_alive
+        self._conn = conn
+        self._started = False
+        self._done = False
+        self._chunked = False
+        self._continued = False
+
+    @property
+    def body_exists(self) -> bool:
+        return self.content is not EMPTY_PAYLOAD
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def answered(self) -> bool:
+        """True once a response has started: from then on only `abort()` can signal a failure."""
+        return self._started
+
+    # --- answering ------------------------------------------------------------------------
+
+    def send_continue(self) -> None:
+        """`100 Continue`: the client may send the body it held back (RFC 9110 §10.1.1)."""
+        self._continued = True
+        self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    @property
+    def body_withheld(self) -> bool:
+        """The client waits for 100 Continue before it sends the body, and never got it."""
+        return not self._continued and self.headers.get("Expect", "").lower() == "100-continue"
+
+    def respond(self, status: int, reason: str, headers: CIMultiDict[str], body: bytes) -> None:
+        """The whole response in one write; Content-Length is set from `body`."""
+        head = self._head(status, reason, headers, None if status in NO_BODY else len(body))
+        self._conn.write(head if self.method == "HEAD" or status in NO_BODY or not body else head + body)
+        self._done = True
+
+    def start(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None) -> None:
+        """Status line and headers; the body follows with `write()` and `end()`. With no
+        `length`, the body is chunked for HTTP/1.1 clients and ends at close for HTTP/1.0."""
+        bodiless = self.method == "HEAD" or status in NO_BODY
+        if length is None and not bodiless:
+            if self.version > HTTP_10:
+                self._chunked = True
+            else:
+                self.keep_alive = False  # the body ends when the connection does
+        self._conn.write(self._head(status, reason, headers, length, chunked=self._chunked))
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        conn = self._conn
+        if self._chunked:
+            conn.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            conn.write(chunk)
+        if conn._paused:  # noqa: SLF001 - the protocol's own flow control
+            await conn._drain_helper()  # noqa: SLF001
+
+    def end(self) -> None:
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+        self._done = True
+
+    def abort(self) -> None:
+        """Cut the connection: the client sees the response fail, not end."""
+        self.keep_alive = False
+        self._conn.abort()
+
+    def _head(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None,
+              *, chunked: bool = False) -> bytes:
+        self._started = True
+        conn = self._conn
+        if conn.closing:
+            self.keep_alive = False
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        if "Date" not in headers:
+            lines.append(conn.server.date_line())
+        if chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        elif length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        if not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        elif self.version == HTTP_10:
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        # header bytes go out as they came in (the parsers decode UTF-8 with surrogateescape)
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class Connection(BaseProtocol):
+    """One client connection: parses requests, hands them to the handler in order."""
+
+    __slots__ = ("server", "remote", "closing", "_reading", "_eof", "_queue", "_waiter", "_task", "_idle",
+                 "_busy", "_request")
+
+    def __init__(self, server: Listener) -> None:
+        loop = server.loop
+        super().__init__(loop, HttpRequestParser(
+            self, loop, READ_BUFSIZE, max_msg_queue_size=MAX_PIPELINE, auto_decompress=False,
+        ))
+        self.server = server
+        self.remote: str | None = None
+        self.closing = False  # shutting down: no request after the current one
+        self._reading = True  # False after a malformed or upgrade request: no more parsing
+        self._eof = False  # the client half-closed: it sends nothing more
+        self._queue: deque[tuple[Any, StreamReader] | HttpProcessingError] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._request: Request | None = None
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # sets TCP_NODELAY
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        self.server.connections.add(self)
+        self._arm_idle()
+        self._task = self._loop.create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:
+            return
+        assert self._parser is not None
+        try:
+            messages, upgraded, _ = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._reading = False  # nothing after a malformed request can be trusted
+            self._queue.append(exc)
+            self._wake()
+            return
+        if upgraded:
+            self._reading = False  # the bytes after an upgrade request are not HTTP/1.1
+        if messages:
+            if self.closing:  # shutting down: requests pipelined behind the current one go unanswered
+                return
+            self._queue.extend(messages)
+            self._disarm_idle()
+            self._wake()
+            if len(self._queue) >= MAX_PIPELINE and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+
+    def eof_received(self) -> bool:
+        # a client may half-close once it has sent its request: answer what came, then close
+        self._eof = True
+        self._cut_bodies(ConnectionResetError("the client closed before the body ended"))
+        self._wake()
+        return True  # keep the transport open for the answer
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._eof = True
+        self.server.connections.discard(self)
+        self._disarm_idle()
+        self._cut_bodies(ConnectionResetError("the client went away"))
+        if self._task is not None and self._busy:
+            self._task.cancel()  # whatever the handler waits for, nobody will read its answer
+        self._wake()
+
+    def _cut_bodies(self, exc: BaseException) -> None:
+        """Request bodies still coming in will not end: their readers hear why."""
+        payloads = [item[1] for item in self._queue if isinstance(item, tuple)]
+        if self._request is not None:
+            payloads.append(self._request.content)
+        for payload in payloads:
+            if not payload.is_eof():
+                payload.set_exception(exc)
+
+    # --- the connection's one task --------------------------------------------------------
+
+    async def _serve(self) -> None:
+        handler = self.server.handler
+        queue = self._queue
+        try:
+            while not self.closing:
+                if not queue:
+                    if self._eof or self.transport is None:
+                        break
+                    self._waiter = self._loop.create_future()
+                    await self._waiter
+                    continue
+                item = queue.popleft()
+                self._busy = True
+                if isinstance(item, HttpProcessingError):
+                    self.server.refuse(Request(self, "GET", "", HTTP_11, _NO_HEADERS, EMPTY_PAYLOAD, False), item)
+                    break
+                message, payload = item
+                self._resume_if_drained()
+                request = Request(self, message.method, message.path, message.version, message.headers,
+                                  payload, not message.should_close and self._reading)
+                self._request = request
+                await handler(request)
+                self._request = None
+                if not request._done or self.transport is None:  # noqa: SLF001 - cut short
+                    break
+                if not payload.is_eof() and not await self._finish_body(request):
+                    break
+                if not request.keep_alive:
+                    break
+                self._busy = False
+                if not queue:
+                    self._arm_idle()
+        except asyncio.CancelledError:
+            pass  # the client left, or shutdown ran out of time
+        finally:
+            self._busy = False
+            self._request = None
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _finish_body(self, request: Request) -> bool:
+        """The rest of a request body the handler did not read (it was refused, say). A short
+        rest is read and dropped and the connection kept; past DISCARD_LIMIT our side is shut
+        for writing and the rest drained for at most LINGER seconds, so the client reads the
+        answer rather than a reset. True if the connection can be kept."""
+        if request.body_withheld:
+            return False  # the client will not send it: nothing to wait for
+        payload = request.content
+        transport = self.transport
+        dropped, keep = 0, True
+        try:
+            async with asyncio.timeout(LINGER):
+                while not payload.is_eof():
+                    dropped += len(await payload.readany())
+                    if keep and dropped > DISCARD_LIMIT and transport is not None and transport.can_write_eof():
+                        keep = False
+                        transport.write_eof()
+        except (Exception, TimeoutError):
+            return False
+        return keep
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _resume_if_drained(self) -> None:
+        assert self._parser is not None
+        self._parser.message_consumed()
+        if self._buffer_paused and len(self._queue) < MAX_PIPELINE // 2:
+            self.data_received(b"")  # parse what waited while the queue was full
+            if len(self._queue) < MAX_PIPELINE:
+                self._resume_reading_for_buffer()
+
+    # --- timers and writes ----------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self._disarm_idle()
+        self._idle = self._loop.call_later(self.server.idle_timeout, self._on_idle)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if not self._busy and self.transport is not None:
+            self.transport.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def writelines(self, data: Iterable[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def shut(self) -> None:
+        """Shutdown: an idle connection closes now, a busy one after its current response."""
+        self.closing = True
+        if not self._busy and self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+
+class Listener:
+    """The proxy's listening socket and its connections."""
+
+    def __init__(self, handler: Handler, refuse: Refuser, *, idle_timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handler = handler
+        self.refuse = refuse
+        self.idle_timeout = idle_timeout
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._date = ""
+        self._date_at = 0
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), host, port, reuse_address=True, backlog=1024,
+        )
+        name = self._server.sockets[0].getsockname()
+        return name[0], name[1]
+
+    def close(self) -> None:
+        """Refuse new connections; idle ones close now, busy ones after their response."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shut()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for open connections to finish, up to `timeout`; then cut what is left.
+        True if everything finished in time."""
+        tasks = {c._task for c in self.connections if c._task is not None}  # noqa: SLF001
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for conn in list(self.connections):
+            conn.abort()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        return not pending
+
+    def date_line(self) -> str:
+        """`Date: ...\\r\\n`, formatted once a second (RFC 9110 §6.6.1)."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n"
+        return self._date
