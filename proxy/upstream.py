@@ -4,10 +4,10 @@ aiohttp's `ClientSession` builds a request object, a URL, timers, traces, a cook
 lookup and a connector transaction for every call: about a third of the proxy's CPU per
 request (see bench/README.md). The forwarder needs none of it: the origin is fixed, the
 headers are already shaped. This module keeps a keep-alive pool of connections to
-`upstream.url` and speaks HTTP/1.1 on them with aiohttp's own protocol and C parser
-(`aiohttp.client_proto.ResponseHandler`), so parsing, payload streams, read timeouts and
-connection errors are exactly aiohttp's, and so are the exceptions
-(`aiohttp.ClientError` subclasses, `TimeoutError`).
+`upstream.url` and speaks HTTP/1.1 on them with aiohttp's C response parser and payload
+streams, raising aiohttp's exceptions (`aiohttp.ClientError` subclasses, `TimeoutError`).
+Unlike aiohttp's own client protocol, a connection keeps one parser for all its responses
+and one lazy read timer (checked when it fires, not re-armed on every read).
 
 Invariants:
 - at most `limit` connections are in use; further requests wait for one;
@@ -28,8 +28,13 @@ from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from aiohttp import ServerDisconnectedError, StreamReader
-from aiohttp.client_proto import ResponseHandler
+from typing import Any
+
+from aiohttp import ClientOSError, ClientPayloadError, ServerDisconnectedError, ServerTimeoutError, StreamReader
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser
+from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict, CIMultiDictProxy
 
 #: seconds an idle connection is kept (origins commonly close theirs after 60-75 s)
@@ -39,6 +44,142 @@ READ_BUFSIZE = 2**16
 WRITE_HIGH_WATER = 2**16
 
 Body = bytes | AsyncIterator[bytes] | None
+#: statuses whose responses never have a body (RFC 9110 §6.4.1)
+NO_BODY = frozenset({204, 304})
+
+
+class OriginConnection(BaseProtocol):
+    """One keep-alive connection to the origin: a response parser for its whole life, the
+    response of the request in flight as a future, its body as a StreamReader."""
+
+    __slots__ = ("should_close", "_read_timeout", "_response", "_payload", "_last_read", "_timer",
+                 "_timing", "_fresh_parser")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        super().__init__(loop)
+        self._parser = self._new_parser(with_body=True)
+        self.should_close = False
+        self._read_timeout = read_timeout
+        self._response: asyncio.Future[tuple[Any, StreamReader]] | None = None
+        self._payload: StreamReader | None = None
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timing = False
+        self._fresh_parser = False  # a HEAD's parser was swapped in: swap back before the next
+
+    def _new_parser(self, *, with_body: bool) -> HttpResponseParser:
+        return HttpResponseParser(
+            self, self._loop, READ_BUFSIZE, payload_exception=ClientPayloadError,
+            response_with_body=with_body,
+            read_until_eof=True,  # a response with neither length nor chunks ends at close
+            auto_decompress=False,
+        )
+
+    def is_connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- one exchange -----------------------------------------------------------------------
+
+    def expect(self, method: str) -> asyncio.Future[tuple[Any, StreamReader]]:
+        """Before a request is written: the future of its response's status line and headers."""
+        if method == "HEAD":  # the answer has headers only, whatever its Content-Length says
+            self._parser = self._new_parser(with_body=False)
+            self._fresh_parser = True
+        elif self._fresh_parser:
+            self._parser = self._new_parser(with_body=True)
+            self._fresh_parser = False
+        self._payload = None
+        self._response = self._loop.create_future()
+        return self._response
+
+    def start_timeout(self) -> None:
+        """The request is sent: from now on, `read_timeout` without a byte is a failure."""
+        self._last_read = self._loop.time()
+        self._timing = True
+        if self._timer is None and self._read_timeout:
+            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+
+    def set_exception(self, exc: BaseException) -> None:
+        """The exchange failed: whoever waits for the response or its body hears why."""
+        self.should_close = True
+        self._timing = False
+        response = self._response
+        if response is not None and not response.done():
+            response.set_exception(exc)
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(exc)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._timing or self.transport is None:
+            return
+        response, payload = self._response, self._payload
+        waiting = (response is not None and not response.done()) or (payload is not None and not payload.is_eof())
+        if not waiting:
+            self._timing = False
+            return
+        now = self._loop.time()
+        if self._reading_paused:  # the app reads slowly: not the origin's silence
+            self._last_read = now
+        elif now - self._last_read >= self._read_timeout:
+            self.set_exception(ServerTimeoutError("Timeout on reading data from socket"))
+            self.close()
+            return
+        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._last_read = self._loop.time()
+        parser = self._parser
+        assert parser is not None
+        try:
+            messages, upgraded, _ = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self.set_exception(exc)
+            self.close()
+            return
+        for message, payload in messages:
+            if message.should_close:
+                self.should_close = True
+            code = message.code
+            if 100 <= code < 200 and code != 101:
+                continue  # interim answers (100 Continue) are skipped
+            response = self._response
+            if response is None or response.done():  # an answer nobody asked for
+                self.should_close = True
+                self.close()
+                return
+            if code in NO_BODY:
+                payload = EMPTY_PAYLOAD
+            self._payload = payload
+            response.set_result((message, payload))
+        if upgraded:
+            self.should_close = True  # no upgrades: Upgrade is hop-by-hop, never forwarded
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.should_close = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        payload = self._payload
+        if self._parser is not None:
+            try:
+                self._parser.feed_eof()  # ends a body that runs to the close
+            except Exception as underlying:  # noqa: BLE001 - a body cut short, whatever the parser says
+                if payload is not None and not payload.is_eof():
+                    payload.set_exception(ClientPayloadError(f"Response payload is not completed: {underlying!r}"))
+        if isinstance(exc, OSError):
+            self.set_exception(ClientOSError(*exc.args))
+        else:
+            self.set_exception(ServerDisconnectedError())
+        super().connection_lost(exc)
 
 
 class ConnectFailed(ConnectionError):
@@ -50,7 +191,7 @@ class Exchange:
 
     __slots__ = ("status", "reason", "headers", "content", "_pool", "_proto", "_keep", "_done", "_writer")
 
-    def __init__(self, pool: Upstream, proto: ResponseHandler, status: int, reason: str,
+    def __init__(self, pool: Upstream, proto: OriginConnection, status: int, reason: str,
                  headers: CIMultiDictProxy[str], content: StreamReader, keep: bool,
                  writer: asyncio.Task[None] | None) -> None:
         self.status = status
@@ -108,19 +249,19 @@ class Upstream:
                 self._ssl.check_hostname = False
                 self._ssl.verify_mode = ssl.CERT_NONE
         self._slots = asyncio.Semaphore(limit)
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[OriginConnection, float]] = deque()
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._closed = False
 
     # --- connections --------------------------------------------------------------------
 
-    async def _connect(self) -> ResponseHandler:
+    async def _connect(self) -> OriginConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 transport, proto = await loop.create_connection(
-                    lambda: ResponseHandler(loop), self._host, self._port,
+                    lambda: OriginConnection(loop, self._read_timeout), self._host, self._port,
                     ssl=self._ssl, server_hostname=self._host if self._ssl else None,
                 )
         except TimeoutError:
@@ -133,7 +274,7 @@ class Upstream:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return proto
 
-    def _take_idle(self) -> ResponseHandler | None:
+    def _take_idle(self) -> OriginConnection | None:
         now = time.monotonic()
         while self._idle:
             proto, since = self._idle.pop()
@@ -142,7 +283,7 @@ class Upstream:
             proto.close()
         return None
 
-    def _give_back(self, proto: ResponseHandler, reusable: bool) -> None:
+    def _give_back(self, proto: OriginConnection, reusable: bool) -> None:
         if reusable and not self._closed and proto.is_connected() and not proto.should_close:
             self._idle.append((proto, time.monotonic()))
         else:
@@ -194,17 +335,11 @@ class Upstream:
         lines.append("\r\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
 
-    async def _exchange(self, proto: ResponseHandler, method: str, head: bytes, body: Body) -> Exchange:
-        proto.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,  # a response with neither length nor chunks ends at close
-            auto_decompress=False,
-            read_timeout=self._read_timeout,
-            read_bufsize=READ_BUFSIZE,
-        )
+    async def _exchange(self, proto: OriginConnection, method: str, head: bytes, body: Body) -> Exchange:
         transport = proto.transport
         if transport is None or transport.is_closing():
             raise ServerDisconnectedError()
+        response = proto.expect(method)
         writer: asyncio.Task[None] | None = None
         try:
             if body is None or isinstance(body, bytes):
@@ -214,10 +349,7 @@ class Upstream:
                 transport.write(head)
                 writer = asyncio.ensure_future(self._write_body(proto, body, chunked=b"Transfer-Encoding: chunked" in head))
                 writer.add_done_callback(_retrieve)  # its failure is told through the protocol
-            while True:
-                message, payload = await proto.read()
-                if not 100 <= message.code < 200 or message.code == 101:
-                    break  # interim answers (100 Continue) are skipped
+            message, payload = await response
             if writer is not None and writer.done() and not writer.cancelled() and writer.exception() is not None:
                 raise writer.exception()  # type: ignore[misc]
         except BaseException:
@@ -231,7 +363,7 @@ class Upstream:
                         not message.should_close, writer)
 
     @staticmethod
-    async def _write_body(proto: ResponseHandler, body: AsyncIterator[bytes], *, chunked: bool) -> None:
+    async def _write_body(proto: OriginConnection, body: AsyncIterator[bytes], *, chunked: bool) -> None:
         transport = proto.transport
         assert transport is not None
         try:
