@@ -25,7 +25,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -47,6 +47,7 @@ from proxy.errors import (
 )
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.listener import Request
+from proxy.logs import AccessLog
 from proxy.metrics import Stats
 from proxy.tokens import Token
 from proxy.upstream import ConnectFailed, Exchange, Upstream
@@ -120,7 +121,7 @@ class _Outcome:
 class Forwarder:
     def __init__(
         self, settings: Settings, upstream: Upstream, tokens: TokenProvider, stats: Stats,
-        access_log: Any = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._upstream = upstream
         self._tokens = tokens
@@ -162,15 +163,9 @@ class Forwarder:
             if outcome.status != CLIENT_CLOSED:
                 self._stats.count_response(request.method, outcome.status)
             if self._access_log is not None:
-                self._access_log.info(
-                    "access",
-                    method=request.method,
-                    path=request.target.partition("?")[0],
-                    status=outcome.status,
-                    upstream_status=outcome.upstream_status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                    replayed=outcome.replayed,
-                    request_id=request_id,
+                self._access_log(
+                    request.method, request.target.partition("?")[0], outcome.status, outcome.upstream_status,
+                    round((time.perf_counter() - started) * 1000, 3), outcome.replayed, request_id,
                 )
 
     def refuse(self, request: Request, exc: HttpProcessingError) -> None:

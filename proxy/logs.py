@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, TextIO
@@ -237,29 +237,43 @@ class _Clock:
         return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
 
 
-def access_logger(redactor: Redactor) -> Any:
-    """The logger for the one event per request, `access`.
+#: what the forwarder calls once a request: method, path, status, upstream_status,
+#: duration_ms, replayed, request_id
+AccessLog = Callable[[str, str, int, "int | None", float, bool, str], None]
 
-    In JSON it skips the generic processor chain: one processor renders the known fields
-    straight to a line (the same keys and values as the chain would give), about half the cost
-    a request. The two strings a client controls, path and request id, are still scrubbed.
-    In console format it is the ordinary logger, for people.
+
+def access_logger(redactor: Redactor) -> AccessLog | None:
+    """The one event per request, `access`; None when the level hides info lines.
+
+    In JSON it is one function that renders the known fields straight to a line (the same
+    keys and values as the processor chain would give) and hands it to the writer: no
+    bound logger, no event dict, no processor chain, a third of the cost a request. The two
+    strings a client controls, path and request id, are still scrubbed. In console format it
+    goes through the ordinary logger, for people.
     """
+    if LEVELS[_level] > logging.INFO:
+        return None
     if _format != "json" or _writer is None:
-        return structlog.get_logger("proxy.access")
+        logger = structlog.get_logger("proxy.access")
+
+        def console(method: str, path: str, status: int, upstream_status: int | None,
+                    duration_ms: float, replayed: bool, request_id: str) -> None:
+            logger.info("access", method=method, path=path, status=status, upstream_status=upstream_status,
+                        duration_ms=duration_ms, replayed=replayed, request_id=request_id)
+
+        return console
     clock = _Clock()
     scrub = redactor.scrub
+    write = _writer.info
 
-    def render(_logger: Any, _method: str, ev: MutableMapping[str, Any]) -> str:
-        upstream = ev["upstream_status"]
-        return (
-            f'{{"method": {_json_str(ev["method"])}, "path": {_json_str(scrub(ev["path"]))}, '
-            f'"status": {int(ev["status"])}, "upstream_status": {"null" if upstream is None else int(upstream)}, '
-            f'"duration_ms": {float(ev["duration_ms"])!r}, "replayed": {"true" if ev["replayed"] else "false"}, '
-            f'"request_id": {_json_str(scrub(ev["request_id"]))}, "event": "access", "level": "info", '
+    def access(method: str, path: str, status: int, upstream_status: int | None,
+               duration_ms: float, replayed: bool, request_id: str) -> None:
+        write(
+            f'{{"method": {_json_str(method)}, "path": {_json_str(scrub(path))}, '
+            f'"status": {int(status)}, "upstream_status": {"null" if upstream_status is None else int(upstream_status)}, '
+            f'"duration_ms": {float(duration_ms)!r}, "replayed": {"true" if replayed else "false"}, '
+            f'"request_id": {_json_str(scrub(request_id))}, "event": "access", "level": "info", '
             f'"timestamp": "{clock.now()}"}}'
         )
 
-    return structlog.wrap_logger(
-        _writer, processors=[render], wrapper_class=structlog.make_filtering_bound_logger(LEVELS[_level])
-    )
+    return access

@@ -81,7 +81,9 @@ def test_the_fast_access_renderer_says_what_the_generic_chain_says() -> None:
     structlog.get_logger("t").info("access", **fields)
     fast_buf = io.StringIO()
     logs.configure("info", "json", stream=fast_buf, cache=False)
-    logs.access_logger(redactor).info("access", **fields)
+    access = logs.access_logger(redactor)
+    assert access is not None
+    access(**fields)
     generic, fast = json.loads(generic_buf.getvalue()), json.loads(fast_buf.getvalue())
     assert generic.pop("timestamp")[:10] == fast.pop("timestamp")[:10]
     assert fast == generic
@@ -91,10 +93,10 @@ def test_the_fast_access_renderer_scrubs_what_clients_control() -> None:
     buf = io.StringIO()
     redactor = logs.configure("info", "json", stream=buf, cache=False)
     redactor.add("known-secret-value")
-    logs.access_logger(redactor).info(
-        "access", method="GET", path="/x/known-secret-value", status=200, upstream_status=200,
-        duration_ms=1.0, replayed=False, request_id="Bearer abc.def",
-    )
+    access = logs.access_logger(redactor)
+    assert access is not None
+    access(method="GET", path="/x/known-secret-value", status=200, upstream_status=200,
+           duration_ms=1.0, replayed=False, request_id="Bearer abc.def")
     out = buf.getvalue()
     assert "known-secret-value" not in out and "abc.def" not in out
 
@@ -123,3 +125,17 @@ async def test_info_lines_wait_for_the_flush_inside_the_loop() -> None:
     log.info("later")
     await asyncio.sleep(logs.FLUSH_INTERVAL * 2)  # the subject: the timed flush
     assert "later" in buf.getvalue()
+
+
+def test_access_events_follow_the_level_and_the_format() -> None:
+    fields = dict(method="GET", path="/p", status=200, upstream_status=200, duration_ms=0.5, replayed=False,
+                  request_id="rid-2")
+    buf = io.StringIO()
+    redactor = logs.configure("warning", "json", stream=buf, cache=False)
+    assert logs.access_logger(redactor) is None  # info lines hidden: nothing to render
+    redactor = logs.configure("info", "console", stream=buf, cache=False)
+    access = logs.access_logger(redactor)
+    assert access is not None
+    access(**fields)
+    line = buf.getvalue()
+    assert "access" in line and "request_id=rid-2" in line and not line.startswith("{")
