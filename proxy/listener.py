@@ -166,7 +166,7 @@ class Connection(BaseProtocol):
     """One client connection: parses requests, hands them to the handler in order."""
 
     __slots__ = ("server", "remote", "closing", "_reading", "_eof", "_queue", "_waiter", "_task", "_idle",
-                 "_busy", "_request")
+                 "_idle_since", "_busy", "_request")
 
     def __init__(self, server: Listener) -> None:
         loop = server.loop
@@ -182,6 +182,7 @@ class Connection(BaseProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # None while a request is being answered
         self._busy = False
         self._request: Request | None = None
 
@@ -192,7 +193,8 @@ class Connection(BaseProtocol):
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else None
         self.server.connections.add(self)
-        self._arm_idle()
+        self._idle_since = self._loop.time()
+        self._idle = self._loop.call_at(self._idle_since + self.server.idle_timeout, self._on_idle)
         self._task = self._loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
@@ -212,7 +214,7 @@ class Connection(BaseProtocol):
             if self.closing:  # shutting down: requests pipelined behind the current one go unanswered
                 return
             self._queue.extend(messages)
-            self._disarm_idle()
+            self._idle_since = None
             self._wake()
             if len(self._queue) >= MAX_PIPELINE and not self._buffer_paused:
                 self._pause_reading_for_buffer()
@@ -228,7 +230,9 @@ class Connection(BaseProtocol):
         super().connection_lost(exc)
         self._eof = True
         self.server.connections.discard(self)
-        self._disarm_idle()
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         self._cut_bodies(ConnectionResetError("the client went away"))
         if self._task is not None and self._busy:
             self._task.cancel()  # whatever the handler waits for, nobody will read its answer
@@ -276,7 +280,7 @@ class Connection(BaseProtocol):
                     break
                 self._busy = False
                 if not queue:
-                    self._arm_idle()
+                    self._idle_since = self._loop.time()
         except asyncio.CancelledError:
             pass  # the client left, or shutdown ran out of time
         finally:
@@ -323,19 +327,17 @@ class Connection(BaseProtocol):
 
     # --- timers and writes ----------------------------------------------------------------
 
-    def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self._idle = self._loop.call_later(self.server.idle_timeout, self._on_idle)
-
-    def _disarm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-
     def _on_idle(self) -> None:
-        self._idle = None
-        if not self._busy and self.transport is not None:
+        """The idle timer, checked when it fires rather than re-armed for every request."""
+        if self.transport is None:
+            self._idle = None
+            return
+        now, timeout, since = self._loop.time(), self.server.idle_timeout, self._idle_since
+        if since is not None and now - since >= timeout and not self._busy:
+            self._idle = None
             self.transport.close()
+            return
+        self._idle = self._loop.call_at((now if since is None else since) + timeout, self._on_idle)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
