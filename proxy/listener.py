@@ -145,6 +145,10 @@ class Request:
         conn = self._conn
         if conn.closing:
             self.keep_alive = False
+        elif self.content is not EMPTY_PAYLOAD and not self.content.is_eof() and self.body_withheld:
+            # answered before the body it held back: it will not come, so the connection
+            # cannot be reused, and the client is told so (RFC 9110 §10.1.1)
+            self.keep_alive = False
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
         if "Date" not in headers:
