@@ -107,6 +107,10 @@ class _Body:
         self.too_large = False
 
 
+#: the body of every request without one (never changed: only streamed bodies are)
+_NO_BODY = _Body()
+
+
 class _Outcome:
     """What the access log says of one request."""
 
@@ -180,7 +184,7 @@ class Forwarder:
 
     async def _forward(self, request: Request, request_id: str, outcome: _Outcome) -> None:
         target = self._admit(request)
-        body = await self._read_body(request)
+        body = await self._read_body(request) if request.body_exists else _NO_BODY
         token = await self._tokens.get()
         upstream = await self._send(request, target, token, body, request_id)
         try:
@@ -234,8 +238,6 @@ class Forwarder:
 
     async def _read_body(self, request: Request) -> _Body:
         body = _Body()
-        if not request.body_exists:
-            return body
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
@@ -245,7 +247,8 @@ class Forwarder:
             request.send_continue()
         content = request.content
         if length is not None and length <= self._replay_limit:
-            body.data = await content.read()
+            # most bodies came in with the headers: no need to wait for them
+            body.data = content.read_nowait(-1) if content.is_eof() else await content.read()
             return body
         prefix = bytearray()
         if length is None:  # chunked: keep what fits in the replay buffer, stream the rest

@@ -169,7 +169,7 @@ class Request:
 class Connection(BaseProtocol):
     """One client connection: parses requests, hands them to the handler in order."""
 
-    __slots__ = ("server", "remote", "closing", "_reading", "_eof", "_queue", "_waiter", "_task", "_idle",
+    __slots__ = ("server", "remote", "closing", "_reading", "_queue", "_waiter", "_task", "_idle",
                  "_idle_since", "_busy", "_request")
 
     def __init__(self, server: Listener) -> None:
@@ -181,7 +181,6 @@ class Connection(BaseProtocol):
         self.remote: str | None = None
         self.closing = False  # shutting down: no request after the current one
         self._reading = True  # False after a malformed or upgrade request: no more parsing
-        self._eof = False  # the client half-closed: it sends nothing more
         self._queue: deque[tuple[Any, StreamReader] | HttpProcessingError] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -223,16 +222,12 @@ class Connection(BaseProtocol):
             if len(self._queue) >= MAX_PIPELINE and not self._buffer_paused:
                 self._pause_reading_for_buffer()
 
-    def eof_received(self) -> bool:
-        # a client may half-close once it has sent its request: answer what came, then close
-        self._eof = True
-        self._cut_bodies(ConnectionResetError("the client closed before the body ended"))
-        self._wake()
-        return True  # keep the transport open for the answer
+    # No eof_received: a client's FIN closes the connection and cancels what it waits for, as
+    # nginx takes it ("client prematurely closed connection"); a half-closed request is rare,
+    # a client that gave up is not, and its place in the upstream queue must come back.
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
-        self._eof = True
         self.server.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
@@ -259,7 +254,7 @@ class Connection(BaseProtocol):
         try:
             while not self.closing:
                 if not queue:
-                    if self._eof or self.transport is None:
+                    if self.transport is None:
                         break
                     self._waiter = self._loop.create_future()
                     await self._waiter

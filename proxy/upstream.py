@@ -44,6 +44,8 @@ READ_BUFSIZE = 2**16
 WRITE_HIGH_WATER = 2**16
 
 Body = bytes | AsyncIterator[bytes] | None
+#: methods a server may safely receive twice (RFC 9110 §9.2.2)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: statuses whose responses never have a body (RFC 9110 §6.4.1)
 NO_BODY = frozenset({204, 304})
 
@@ -248,7 +250,11 @@ class Upstream:
             if tls is False:
                 self._ssl.check_hostname = False
                 self._ssl.verify_mode = ssl.CERT_NONE
-        self._slots = asyncio.Semaphore(limit)
+        # connection slots: a counter, and the requests waiting for one in arrival order
+        # (asyncio.Semaphore costs a coroutine and a scan of its waiters on every acquire)
+        self._limit = limit
+        self._in_use = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
         self._idle: deque[tuple[OriginConnection, float]] = deque()
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -288,7 +294,25 @@ class Upstream:
             self._idle.append((proto, time.monotonic()))
         else:
             proto.close()
-        self._slots.release()
+        self._release_slot()
+
+    async def _wait_for_slot(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter  # a slot is handed over by _release_slot
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over as we were cancelled: pass it on
+            raise
+
+    def _release_slot(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the next in line
+                return
+        self._in_use -= 1
 
     async def close(self) -> None:
         self._closed = True
@@ -301,7 +325,10 @@ class Upstream:
         """Send a request (headers already shaped; Host is set here) and return its response
         once the status line and headers are in."""
         head = self._head(method, target, headers, body)
-        await self._slots.acquire()
+        if self._in_use < self._limit and not self._waiting:
+            self._in_use += 1
+        else:
+            await self._wait_for_slot()
         try:
             proto = self._take_idle()
             reused = proto is not None
@@ -309,14 +336,19 @@ class Upstream:
                 proto = await self._connect()
             try:
                 return await self._exchange(proto, method, head, body)
-            except ServerDisconnectedError:
-                # the origin closed a pooled connection as we reused it: once more, on a new one
+            except (ServerDisconnectedError, ClientOSError) as exc:
+                # The origin closed a pooled connection as we reused it, before any answer: once
+                # more, on a new one. A clean close means it never took the request; a reset
+                # may come after it did, so only idempotent methods are sent again then
+                # (as Go's http.Transport does).
                 if not reused or not (body is None or isinstance(body, bytes)):
+                    raise
+                if isinstance(exc, ClientOSError) and method not in IDEMPOTENT:
                     raise
                 proto = await self._connect()
                 return await self._exchange(proto, method, head, body)
         except BaseException:
-            self._slots.release()
+            self._release_slot()
             raise
 
     def _head(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> bytes:

@@ -87,14 +87,30 @@ async def test_pipelined_requests_are_answered_in_order(start_proxy: StartProxy,
     client.close()
 
 
-async def test_a_client_that_half_closes_still_gets_its_answer(start_proxy: StartProxy, fake: FakeNdovu) -> None:
+async def test_a_client_that_closes_its_side_is_gone_and_its_upstream_request_is_cut(
+    start_proxy: StartProxy, fake: FakeNdovu, log_buffer: Any
+) -> None:
+    reached, cut = asyncio.Event(), asyncio.Event()
+
+    async def slow(_request: web.Request) -> web.StreamResponse:
+        reached.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cut.set()  # cancelled: the proxy closed this upstream connection
+        return web.Response()
+
+    fake.api_faults["slow"] = slow
     proxy = await start_proxy()
     client = await Client.open(proxy)
-    await client.send(get(f"{API}/half"))
-    client.writer.write_eof()
-    status, _, body = await client.response()
-    assert status == 200 and json.loads(body)["path"] == f"{API}/half"
+    await client.send(get(f"{API}/slow"))
+    await asyncio.wait_for(reached.wait(), 5)
+    client.writer.write_eof()  # FIN: nobody will read an answer
+    await asyncio.wait_for(cut.wait(), 5)
     assert await client.closed()
+    assert proxy.stats.in_flight == 0
+    access = [json.loads(line) for line in log_buffer.getvalue().splitlines() if '"access"' in line]
+    assert [a["status"] for a in access] == [499]
 
 
 async def test_http10_without_keep_alive_is_closed_after_the_answer(start_proxy: StartProxy, fake: FakeNdovu) -> None:

@@ -146,3 +146,86 @@ async def test_requests_wait_for_a_connection_when_the_pool_is_full(start_proxy:
         resp = await asyncio.wait_for(task, 5)
         assert resp.status == 200
         resp.release()
+
+
+async def test_a_request_that_gives_up_waiting_for_a_connection_leaks_no_slot(
+    start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession
+) -> None:
+    import asyncio
+
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(_request: web.Request) -> web.StreamResponse:
+        reached.set()
+        await release.wait()
+        return web.Response(text="slow")
+
+    fake.api_faults["slow"] = slow
+    proxy = await start_proxy({"upstream.max_connections": 1})
+    assert proxy.address is not None and proxy.upstream is not None
+    first = asyncio.create_task(http.get(url(proxy, f"{API}/slow")))
+    await asyncio.wait_for(reached.wait(), 5)
+    # a client waits for the one connection, then goes away
+    reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+    writer.write(f"GET {API}/gone HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    while not proxy.upstream._waiting:  # noqa: SLF001 - the subject: it is queued for a slot
+        await asyncio.sleep(0)
+    writer.transport.abort()
+    while proxy.upstream._waiting and not proxy.upstream._waiting[0].cancelled():  # noqa: SLF001
+        await asyncio.sleep(0)
+    release.set()
+    resp = await asyncio.wait_for(first, 5)
+    assert resp.status == 200
+    resp.release()
+    for _ in range(3):  # the slot came back: later requests get the connection
+        async with http.get(url(proxy, f"{API}/after")) as again:
+            assert again.status == 200
+    assert [r.path_qs for r in fake.api_log] == [f"{API}/after"] * 3
+
+
+@pytest.mark.parametrize(("method", "expected"), [("GET", 200), ("DELETE", 200), ("POST", 502)])
+async def test_a_pooled_connection_reset_before_any_answer_is_retried_only_when_idempotent(
+    start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession, method: str, expected: int
+) -> None:
+    import asyncio
+    import socket
+    import struct
+
+    resets: list[str] = []
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answers the first request on a connection; resets the connection on the second."""
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                served += 1
+                if served == 2:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    resets.append(head.split(b" ")[0].decode())
+                    writer.transport.abort()  # RST: the origin dropped it, answer unsent
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy({"upstream.url": f"http://127.0.0.1:{port}",
+                                   "auth.token_path": f"{fake.url}/api/v3/partners/auth"})  # type: ignore[attr-defined]
+        async with http.get(url(proxy, f"{API}/first")) as resp:
+            assert resp.status == 200
+        async with http.request(method, url(proxy, f"{API}/second"), data=b"x" if method == "POST" else None) as resp:
+            assert resp.status == expected
+            if expected == 502:
+                assert resp.headers["X-Ndovu-Proxy-Error"] == "upstream_unreachable"
+        assert resets == [method]  # the reset happened on the reused connection, once
+    finally:
+        server.close()
+        await server.wait_closed()
