@@ -162,6 +162,9 @@ class Forwarder:
         except asyncio.CancelledError:
             outcome.status = CLIENT_CLOSED
             raise
+        except Exception:
+            outcome.status = 500  # a bug: the listener logs it and cuts the connection
+            raise
         finally:
             self._stats.in_flight -= 1
             if outcome.status != CLIENT_CLOSED:
@@ -309,7 +312,11 @@ class Forwarder:
             upstream.release()
             request.respond(upstream.status, upstream.reason, headers, body)
             return
-        request.start(upstream.status, upstream.reason, headers, upstream.content_length if length else None)
+        try:
+            first = content.read_nowait(-1)  # what came with the headers goes out with them
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_error(exc) from exc
+        request.start(upstream.status, upstream.reason, headers, upstream.content_length if length else None, first)
         try:
             async for chunk in content.iter_any():
                 await request.write(chunk)

@@ -28,12 +28,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from typing import Any
 
+import structlog
 from aiohttp import HttpVersion
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
+
+log = structlog.get_logger("proxy.listener")
 
 #: pipelined requests held before reading from the client pauses
 MAX_PIPELINE = 16
@@ -107,16 +110,21 @@ class Request:
         self._conn.write(head if self.method == "HEAD" or status in NO_BODY or not body else head + body)
         self._done = True
 
-    def start(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None) -> None:
-        """Status line and headers; the body follows with `write()` and `end()`. With no
-        `length`, the body is chunked for HTTP/1.1 clients and ends at close for HTTP/1.0."""
+    def start(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None,
+              first: bytes = b"") -> None:
+        """Status line and headers, and `first`, the body bytes already at hand, in one write;
+        the rest follows with `write()` and `end()`. With no `length`, the body is chunked for
+        HTTP/1.1 clients and ends at close for HTTP/1.0."""
         bodiless = self.method == "HEAD" or status in NO_BODY
         if length is None and not bodiless:
             if self.version > HTTP_10:
                 self._chunked = True
             else:
                 self.keep_alive = False  # the body ends when the connection does
-        self._conn.write(self._head(status, reason, headers, length, chunked=self._chunked))
+        head = self._head(status, reason, headers, length, chunked=self._chunked)
+        if first and not bodiless:
+            head += b"%x\r\n%s\r\n" % (len(first), first) if self._chunked else first
+        self._conn.write(head)
 
     async def write(self, chunk: bytes) -> None:
         if not chunk:
@@ -282,6 +290,9 @@ class Connection(BaseProtocol):
                     self._idle_since = self._loop.time()
         except asyncio.CancelledError:
             pass  # the client left, or shutdown ran out of time
+        except Exception:  # a bug: the connection goes (cut, so no answer looks whole), the listener stays
+            log.exception("request_failed", answered=self._request is not None and self._request.answered)
+            self.abort()
         finally:
             self._busy = False
             self._request = None

@@ -266,3 +266,30 @@ async def test_shutdown_closes_idle_connections_and_lets_busy_ones_finish(
     assert await busy.closed()
     await asyncio.wait_for(stopping, 5)
     assert "shutdown_cut" not in log_buffer.getvalue()  # everything finished within the bound
+
+
+async def test_a_failing_handler_costs_one_connection_not_the_listener(
+    start_proxy: StartProxy, fake: FakeNdovu, log_buffer: Any, monkeypatch: Any
+) -> None:
+    from proxy.forward import Forwarder
+
+    admit = Forwarder._admit
+
+    def broken(self: Forwarder, request: Any) -> str:
+        if request.target.endswith("/boom"):
+            raise RuntimeError("a bug")
+        return admit(self, request)
+
+    monkeypatch.setattr(Forwarder, "_admit", broken)
+    proxy = await start_proxy()
+    client = await Client.open(proxy)
+    await client.send(get(f"{API}/boom"))
+    assert await client.closed()  # no answer, the connection cut
+    again = await Client.open(proxy)
+    await again.send(get(f"{API}/fine"))
+    assert (await again.response())[0] == 200
+    again.close()
+    failed = [json.loads(line) for line in log_buffer.getvalue().splitlines() if "request_failed" in line]
+    assert len(failed) == 1 and failed[0]["level"] == "error" and "RuntimeError" in failed[0]["exception"]
+    access = [json.loads(line) for line in log_buffer.getvalue().splitlines() if '"access"' in line]
+    assert [a["status"] for a in access] == [500, 200]
