@@ -1,18 +1,28 @@
 """The admin listener: /healthz, /readyz, /metrics and /tokenz.
 
-Nothing here ever shows a token, a secret or a request's headers: /tokenz gives the token's
-SHA-256 fingerprint, never the token.
+Served by the same small HTTP/1.1 listener as the proxy (`proxy.listener`): four GET
+endpoints need no router, and leaving aiohttp's web framework unloaded keeps the sidecar's
+idle memory down. Nothing here ever shows a token, a secret or a request's headers: /tokenz
+gives the token's SHA-256 fingerprint, never the token.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
+from proxy.listener import Request
 from proxy.metrics import Stats
 from proxy.tokens import TokenCache
+
+JSON = "application/json; charset=utf-8"
+Answer = tuple[int, bytes, str]  # status, body, content type
 
 
 class Exporter:
@@ -31,65 +41,79 @@ class Exporter:
             self._registry = exposition.registry(self._stats, self._tokens)
         return exposition.render(self._registry)
 
-TOKENS = web.AppKey("tokens", TokenCache)
-EXPORTER = web.AppKey("exporter", Exporter)
+
+def _json(doc: object, status: int = 200) -> Answer:
+    return status, json.dumps(doc).encode(), JSON
 
 
 def _rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+class Admin:
+    """The admin listener's one handler: GET (or HEAD) on four paths."""
 
+    def __init__(self, tokens: TokenCache, stats: Stats) -> None:
+        self._tokens = tokens
+        self._exporter = Exporter(stats, tokens)
+        self._routes: dict[str, Callable[[], Answer]] = {
+            "/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics, "/tokenz": self.tokenz,
+        }
 
-async def readyz(request: web.Request) -> web.Response:
-    tokens = request.app[TOKENS]
-    if tokens.valid_token() is not None:
-        return web.json_response({"ready": True})
-    if tokens.current is None and tokens.last_error is None:
-        reason = "no token yet" if tokens.fetches.total() == 0 else "token dropped after a 401; fetching"
-    elif tokens.current is not None and tokens.last_error is None:
-        reason = "token expired; refreshing"
-    else:
-        reason = f"no valid token: {tokens.last_error}"
-    return web.json_response({"ready": False, "reason": reason, "last_error": tokens.last_error}, status=503)
+    async def __call__(self, request: Request) -> None:
+        route = self._routes.get(request.target.partition("?")[0])
+        if route is None:
+            status, body, kind = _json({"error": "not_found"}, 404)
+        elif request.method not in ("GET", "HEAD"):
+            status, body, kind = _json({"error": "method_not_allowed"}, 405)
+        else:
+            status, body, kind = route()
+        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": kind})
+        if status == 405:
+            headers["Allow"] = "GET, HEAD"
+        request.respond(status, HTTPStatus(status).phrase, headers, body)
 
+    def refuse(self, request: Request, _exc: HttpProcessingError) -> None:
+        status, body, kind = _json({"error": "bad_request"}, 400)
+        request.respond(status, HTTPStatus(status).phrase, CIMultiDict({"Content-Type": kind}), body)
 
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[EXPORTER].render()
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    def healthz(self) -> Answer:
+        return _json({"status": "ok"})
 
+    def readyz(self) -> Answer:
+        tokens = self._tokens
+        if tokens.valid_token() is not None:
+            return _json({"ready": True})
+        if tokens.current is None and tokens.last_error is None:
+            reason = "no token yet" if tokens.fetches.total() == 0 else "token dropped after a 401; fetching"
+        elif tokens.current is not None and tokens.last_error is None:
+            reason = "token expired; refreshing"
+        else:
+            reason = f"no valid token: {tokens.last_error}"
+        return _json({"ready": False, "reason": reason, "last_error": tokens.last_error}, 503)
 
-async def tokenz(request: web.Request) -> web.Response:
-    tokens = request.app[TOKENS]
-    token = tokens.current
-    left = tokens.seconds_left()
-    state: dict[str, object] = {
-        "generation": None,
-        "obtained_at": None,
-        "expires_at": None,
-        "seconds_left": None,
-        "fingerprint": None,
-        "last_error": tokens.last_error,
-    }
-    if token is not None and left is not None:
-        state.update(
-            generation=token.generation,
-            obtained_at=_rfc3339(token.obtained_wall),
-            expires_at=_rfc3339(token.obtained_wall + token.lifetime),
-            seconds_left=max(0, round(left, 1)),
-            fingerprint=token.fingerprint,
-        )
-    return web.json_response(state)
+    def metrics(self) -> Answer:
+        body, content_type = self._exporter.render()
+        return 200, body, content_type
 
-
-def make_app(tokens: TokenCache, stats: Stats) -> web.Application:
-    app = web.Application()
-    app[TOKENS] = tokens
-    app[EXPORTER] = Exporter(stats, tokens)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/tokenz", tokenz)
-    return app
+    def tokenz(self) -> Answer:
+        tokens = self._tokens
+        token = tokens.current
+        left = tokens.seconds_left()
+        state: dict[str, object] = {
+            "generation": None,
+            "obtained_at": None,
+            "expires_at": None,
+            "seconds_left": None,
+            "fingerprint": None,
+            "last_error": tokens.last_error,
+        }
+        if token is not None and left is not None:
+            state.update(
+                generation=token.generation,
+                obtained_at=_rfc3339(token.obtained_wall),
+                expires_at=_rfc3339(token.obtained_wall + token.lifetime),
+                seconds_left=max(0, round(left, 1)),
+                fingerprint=token.fingerprint,
+            )
+        return _json(state)

@@ -1,9 +1,9 @@
 """Assembles the running proxy: the token cache and its refresher, the upstream pool, the
 proxy listener and the admin listener; and how they start, reload and stop.
 
-The proxy listener (`proxy.listener`) hands every request to the forwarder: a proxy has no
-routes (aiohttp's router would answer `CONNECT host:port` with 404 before any handler could
-refuse it properly). The admin listener is an ordinary aiohttp `web.Application`.
+Both listeners are `proxy.listener`'s: the proxy's hands every request to the forwarder (a
+proxy has no routes; aiohttp's router would answer `CONNECT host:port` with 404 before any
+handler could refuse it properly), the admin one to `proxy.admin`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import aiohttp
 import structlog
-from aiohttp import web
 
 from proxy import logs
+from proxy.admin import Admin
 from proxy.config import Address, Settings, read_secret_file
 from proxy.forward import Forwarder
 from proxy.listener import Listener
@@ -37,6 +37,8 @@ NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 #: seconds a client connection may sit idle, or with a request's headers unfinished, before it
 #: is closed: a slow-header client cannot hold a connection longer than this
 CLIENT_IDLE_TIMEOUT = 75.0
+#: seconds a scrape in flight at shutdown may take to finish
+ADMIN_DRAIN = 1.0
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | bool:
@@ -99,7 +101,7 @@ class Proxy:
         self.upstream: Upstream | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
-        self._admin: web.AppRunner | None = None
+        self._admin: Listener | None = None
         self.address: Address | None = None
         self.admin_address: Address | None = None
 
@@ -129,15 +131,9 @@ class Proxy:
         self._listener = Listener(forwarder, forwarder.refuse, idle_timeout=CLIENT_IDLE_TIMEOUT)
         self.address = Address(*await self._listener.start(s.listen.host, s.listen.port))
         if s.admin_listen is not None:
-            from proxy import (
-                admin,  # with prometheus-client: only loaded when the listener is on
-            )
-
-            self._admin = web.AppRunner(admin.make_app(self.tokens, self.stats), access_log=None, shutdown_timeout=1)
-            await self._admin.setup()
-            site = web.TCPSite(self._admin, s.admin_listen.host, s.admin_listen.port, reuse_address=True)
-            await site.start()
-            self.admin_address = Address(*self._admin.addresses[0][:2])
+            admin = Admin(self.tokens, self.stats)
+            self._admin = Listener(admin, admin.refuse, idle_timeout=CLIENT_IDLE_TIMEOUT)
+            self.admin_address = Address(*await self._admin.start(s.admin_listen.host, s.admin_listen.port))
         log.info(
             "listening",
             address=str(self.address),
@@ -169,7 +165,8 @@ class Proxy:
                 log.warning("shutdown_cut", reason="requests still running past shutdown_timeout")
             self._listener = None
         if self._admin is not None:
-            await self._admin.cleanup()
+            self._admin.close()
+            await self._admin.drain(ADMIN_DRAIN)
             self._admin = None
         if self._refresher is not None:
             self._refresher.cancel()

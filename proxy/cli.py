@@ -9,15 +9,16 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
-
-from proxy import config, logs, mock
+from proxy import config, logs
 from proxy.app import USER_AGENT, Proxy, make_session, secret_reader, serve
 from proxy.errors import AuthError, ConfigError, CredentialsRejected
 from proxy.ndovu import NdovuAuth
+
+if TYPE_CHECKING:
+    from proxy.mock import MockNdovu
 
 EXIT_OK, EXIT_CONFIG, EXIT_REJECTED, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -60,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mock-upstream", help="a fake Ndovu Partner API for your app's tests")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8081", help="default 127.0.0.1:8081")
-    p.add_argument("--client-id", default=mock.DEMO_CLIENT_ID, help=f"accepted client id (default {mock.DEMO_CLIENT_ID})")
-    p.add_argument("--client-secret", default=mock.DEMO_CLIENT_SECRET,
-                   help=f"accepted raw client secret (default {mock.DEMO_CLIENT_SECRET})")
+    # the defaults are the demo's (proxy.mock); spelled out here so that `serve` never loads
+    # the fake API and aiohttp's web framework with it
+    p.add_argument("--client-id", help="accepted client id (default demo-client)")
+    p.add_argument("--client-secret", help="accepted raw client secret (default demo-secret)")
     p.add_argument("--token-ttl", type=float, default=3600, metavar="S", help="token lifetime in seconds (default 3600)")
     return parser
 
@@ -151,6 +153,7 @@ async def _check(settings: config.Settings, redactor: logs.Redactor) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from proxy import mock
     keep = {"NDOVU_PROXY_LISTEN", "NDOVU_PROXY_LOG_LEVEL", "NDOVU_PROXY_LOG_FORMAT"}
     env = {k: v for k, v in environ.items() if k in keep}
     fake = mock.MockNdovu()
@@ -166,14 +169,10 @@ def cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return int(_run(_demo(fake, flags, env, redactor)))
 
 
-async def _demo(fake: mock.MockNdovu, flags: dict[str, Any], env: Mapping[str, str],
+async def _demo(fake: MockNdovu, flags: dict[str, Any], env: Mapping[str, str],
                 redactor: logs.Redactor) -> int:
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)  # a free loopback port
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    upstream = f"http://{host}:{port}"
+    runner, address = await fake.listen(config.Address("127.0.0.1", 0))  # a free loopback port
+    upstream = f"http://{address}"
     settings = config.load({**flags, "upstream.url": upstream}, env)
     proxy = Proxy(settings, redactor=redactor)
 
@@ -199,6 +198,7 @@ async def _demo(fake: mock.MockNdovu, flags: dict[str, Any], env: Mapping[str, s
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
+    from proxy import mock
     try:
         where = config.parse_address(args.listen)
     except ValueError:
@@ -210,23 +210,19 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return int(_run(_mock(fake, where)))
 
 
-async def _mock(fake: mock.MockNdovu, where: config.Address) -> int:
+async def _mock(fake: MockNdovu, where: config.Address) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, where.host, where.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            print(f"ndovu-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        host, port = runner.addresses[0][:2]
-        structlog.get_logger("proxy.mock").info("mock_listening", address=f"{host}:{port}")
-        print(f"fake Ndovu Partner API on http://{config.Address(host, port)}", flush=True)
+        runner, address = await fake.listen(where)
+    except OSError as exc:
+        print(f"ndovu-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        structlog.get_logger("proxy.mock").info("mock_listening", address=str(address))
+        print(f"fake Ndovu Partner API on http://{address}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

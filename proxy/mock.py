@@ -26,6 +26,8 @@ import time
 
 from aiohttp import web
 
+from proxy.config import Address
+
 API = "/api/v3/partners"
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"  # the fake API's own, printed by `demo`; never a real one
@@ -50,12 +52,12 @@ class MockNdovu:
 
     def __init__(
         self,
-        client_id: str = DEMO_CLIENT_ID,
-        client_secret: str = DEMO_CLIENT_SECRET,
+        client_id: str | None = None,
+        client_secret: str | None = None,
         token_ttl: float = 3600,
     ) -> None:
-        self.client_id = client_id
-        self.client_secret = client_secret
+        self.client_id = DEMO_CLIENT_ID if client_id is None else client_id
+        self.client_secret = DEMO_CLIENT_SECRET if client_secret is None else client_secret
         self.token_ttl = token_ttl
         self._key = secrets.token_bytes(32)
         self._tokens: dict[str, float] = {}  # token -> monotonic expiry
@@ -170,6 +172,18 @@ class MockNdovu:
         app.router.add_post("/_mock/revoke", self.expire)
         app.router.add_get("/_mock/stats", self.stats)
         return app
+
+    async def listen(self, where: Address) -> tuple[web.AppRunner, Address]:
+        """Serve the fake API on `where` (port 0: a free one); the runner, and where it listens."""
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, where.host, where.port, reuse_address=True).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        host, port = runner.addresses[0][:2]
+        return runner, Address(host, port)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

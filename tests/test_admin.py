@@ -152,3 +152,20 @@ async def test_no_admin_body_shows_a_secret_a_token_or_a_header(start_proxy: Sta
 async def test_admin_listener_can_be_off(start_proxy: StartProxy) -> None:
     proxy = await start_proxy({"admin_listen": "off"})
     assert proxy.admin_address is None
+
+
+async def test_admin_answers_only_what_it_has(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+    proxy = await start_proxy()
+    async with http.get(admin(proxy, "/nope")) as resp:
+        assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    async with http.post(admin(proxy, "/healthz"), data=b"x") as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD"
+    async with http.head(admin(proxy, "/healthz")) as resp:
+        assert resp.status == 200 and await resp.read() == b""
+    async with http.get(admin(proxy, "/healthz?verbose=1")) as resp:
+        assert resp.status == 200  # the query string does not change the route
+    assert proxy.admin_address is not None
+    reader, writer = await asyncio.open_connection(proxy.admin_address.host, proxy.admin_address.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    writer.close()
