@@ -15,7 +15,6 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
 
 from proxy.listener import Request
 from proxy.metrics import Stats
@@ -68,14 +67,12 @@ class Admin:
             status, body, kind = _json({"error": "method_not_allowed"}, 405)
         else:
             status, body, kind = route()
-        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": kind})
-        if status == 405:
-            headers["Allow"] = "GET, HEAD"
-        request.respond(status, HTTPStatus(status).phrase, headers, body)
+        headers = f"Content-Type: {kind}\r\n" + ("Allow: GET, HEAD\r\n" if status == 405 else "")
+        request.respond(status, HTTPStatus(status).phrase, headers.encode(), body)
 
     def refuse(self, request: Request, _exc: HttpProcessingError) -> None:
         status, body, kind = _json({"error": "bad_request"}, 400)
-        request.respond(status, HTTPStatus(status).phrase, CIMultiDict({"Content-Type": kind}), body)
+        request.respond(status, HTTPStatus(status).phrase, f"Content-Type: {kind}\r\n".encode(), body)
 
     def healthz(self) -> Answer:
         return _json({"status": "ok"})

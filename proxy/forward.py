@@ -31,7 +31,6 @@ import aiohttp
 import structlog
 from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
 
 from proxy import paths
 from proxy.config import Settings
@@ -45,7 +44,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.headers import client_response_headers, upstream_request_headers
+from proxy.headers import client_response_head, upstream_request_head
 from proxy.listener import Request
 from proxy.logs import AccessLog
 from proxy.metrics import Stats
@@ -55,13 +54,13 @@ from proxy.upstream import ConnectFailed, Exchange, Upstream
 log = structlog.get_logger("proxy.forward")
 
 RETRIED_HEADER = "X-Ndovu-Proxy-Retried"
+RETRIED_LINE = f"{RETRIED_HEADER}: 1\r\n".encode()
 ERROR_HEADER = "X-Ndovu-Proxy-Error"
 #: status logged when the client went away before an answer (nginx's convention)
 CLIENT_CLOSED = 499
 #: a 401 body up to this size is read and dropped before a replay, to keep the connection
 DISCARD_READ_LIMIT = 65536
 NO_BODY = frozenset({204, 304})
-CONTENT_LENGTH = "Content-Length"
 HTTP_10 = aiohttp.HttpVersion(1, 0)
 HTTP_11 = aiohttp.HttpVersion(1, 1)
 
@@ -87,22 +86,22 @@ def blames_token(www_authenticate: str | None) -> bool:
 
 def send_error(request: Request, exc: ProxyError, request_id: str) -> None:
     """The proxy's own answer: JSON `{"error", "message"}` and X-Ndovu-Proxy-Error."""
-    headers: CIMultiDict[str] = CIMultiDict(
-        {"Content-Type": "application/json; charset=utf-8", ERROR_HEADER: exc.code, "X-Request-ID": request_id}
-    )
+    headers = (f"Content-Type: application/json; charset=utf-8\r\n{ERROR_HEADER}: {exc.code}\r\n"
+               f"X-Request-ID: {request_id}\r\n")
     if isinstance(exc, TokenUnavailable):
-        headers["Retry-After"] = str(exc.retry_after)
+        headers += f"Retry-After: {exc.retry_after}\r\n"
     body = json.dumps({"error": exc.code, "message": exc.message}).encode()
-    request.respond(exc.status, HTTPStatus(exc.status).phrase, headers, body)
+    request.respond(exc.status, HTTPStatus(exc.status).phrase, headers.encode(), body)
 
 
 class _Body:
     """A request body: kept whole (replayable) or streamed once."""
 
-    __slots__ = ("data", "replayable", "too_large")
+    __slots__ = ("data", "length", "replayable", "too_large")
 
     def __init__(self) -> None:
         self.data: bytes | AsyncIterator[bytes] | None = None
+        self.length: int | None = None  # of a streamed body, when the client said it
         self.replayable = True
         self.too_large = False
 
@@ -172,7 +171,7 @@ class Forwarder:
             if self._access_log is not None:
                 self._access_log(
                     request.method, request.target.partition("?")[0], outcome.status, outcome.upstream_status,
-                    round((time.perf_counter() - started) * 1000, 3), outcome.replayed, request_id,
+                    (time.perf_counter() - started) * 1000, outcome.replayed, request_id,
                 )
 
     def refuse(self, request: Request, exc: HttpProcessingError) -> None:
@@ -264,6 +263,7 @@ class Forwarder:
                 if len(prefix) > self._max_body:
                     raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
         body.replayable = False
+        body.length = length
         body.data = self._stream_body(content, bytes(prefix), body)
         return body
 
@@ -284,13 +284,11 @@ class Forwarder:
     async def _send(
         self, request: Request, target: str, token: Token, body: _Body, request_id: str
     ) -> Exchange:
-        headers = upstream_request_headers(
-            request.headers, authorization=token.header, request_id=request_id
-        )
+        headers = upstream_request_head(request.raw_headers, authorization=token.header, request_id=request_id.encode())
         started = time.perf_counter()
         try:
             # redirects are never followed: they go back to the client, the token stays here
-            response = await self._upstream.send(request.method, target, headers, body.data)
+            response = await self._upstream.send(request.method, target, headers, body.data, body.length)
         except Exception as exc:
             if body.too_large:
                 raise BodyTooLarge(f"the request body is over {self._max_body} bytes") from exc
@@ -300,23 +298,23 @@ class Forwarder:
         return response
 
     async def _stream_back(self, request: Request, upstream: Exchange, request_id: str, replayed: bool) -> None:
-        headers = client_response_headers(upstream.headers, request_id=request_id)
+        headers = client_response_head(upstream.raw_headers, request_id=request_id.encode())
         if replayed:
-            headers[RETRIED_HEADER] = "1"
-        length = headers.popall(CONTENT_LENGTH, None)  # the writer sets it again, once
+            headers += RETRIED_LINE
+        dated = "Date" in upstream.headers
         content = upstream.content
         if content.is_eof() and request.method != "HEAD" and upstream.status not in NO_BODY:
             # The whole body came in with the headers (most partner API answers): status,
             # headers and body go out in one write. A chunked answer becomes a sized one.
             body = content.read_nowait(-1)
             upstream.release()
-            request.respond(upstream.status, upstream.reason, headers, body)
+            request.respond(upstream.status, upstream.reason, headers, body, dated=dated)
             return
         try:
             first = content.read_nowait(-1)  # what came with the headers goes out with them
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _upstream_error(exc) from exc
-        request.start(upstream.status, upstream.reason, headers, upstream.content_length if length else None, first)
+        request.start(upstream.status, upstream.reason, headers, upstream.content_length, first, dated=dated)
         try:
             async for chunk in content.iter_any():
                 await request.write(chunk)

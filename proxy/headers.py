@@ -3,18 +3,19 @@
 Order, after Go's httputil.ReverseProxy: strip hop-by-hop headers (the fixed list and every
 header the `Connection` header names), remove what the client sent for auth, then set the
 bearer token last, so nothing the client sends can replace it.
+
+They work on the parser's raw (name, value) byte pairs and give the header lines ready to
+send: names and values pass byte for byte, and no header multidict is built per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from collections.abc import Iterable, Sequence
 
 # RFC 9110 §7.6.1: Connection, and the headers it names, are for one hop only; so are the
 # older Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding and Upgrade (RFC 9110
 # §7.6.1, §7.8, RFC 9112 §6.1). Proxy-Authenticate/-Authorization are for this proxy, not the
-# partner (RFC 9110 §11.7). `Proxy-*` as a family is dropped by `_is_hop_by_hop`.
+# partner (RFC 9110 §11.7). `Proxy-*` as a family is dropped by `_shape`.
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
@@ -40,48 +41,56 @@ REQUEST_OWN = frozenset(h.lower() for h in ("Host", "X-Request-ID", "Expect"))
 #: headers that mean "the proxy said this"; an upstream must not be able to fake them
 PROXY_SIGNALS = frozenset(h.lower() for h in ("X-Ndovu-Proxy-Error", "X-Ndovu-Proxy-Retried"))
 
-_REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | REQUEST_OWN
-_RESPONSE_DROP = HOP_BY_HOP | PROXY_SIGNALS
+#: framing is set by whoever writes the message, from the body it actually sends
+_FRAMING = frozenset({"content-length"})
 
-AUTHORIZATION = istr("Authorization")
-CONNECTION = istr("Connection")
-X_REQUEST_ID = istr("X-Request-ID")
+_REQUEST_DROP = frozenset(n.encode() for n in HOP_BY_HOP | CLIENT_CREDENTIALS | REQUEST_OWN | _FRAMING)
+_RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP | PROXY_SIGNALS | _FRAMING | {"x-request-id"})
+
+#: headers as the parser saw them: (name, value) byte pairs, in order, repeats kept
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
-def connection_named(values: Iterable[str]) -> frozenset[str]:
+def connection_named(values: Iterable[bytes]) -> frozenset[bytes]:
     """The header names listed in Connection values, lower-cased."""
     names = set()
     for value in values:
-        for name in value.split(","):
+        for name in value.split(b","):
             name = name.strip().lower()
             if name:
                 names.add(name)
     return frozenset(names)
 
 
-def _shape(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    named = connection_named(headers.getall(CONNECTION, ()))
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+def _shape(raw: RawHeaders, drop: frozenset[bytes]) -> list[bytes]:
+    """`Name: value\r\n` lines for what passes, bytes as they came."""
+    lines: list[bytes] = []
+    named: list[bytes] = []
+    for name, value in raw:
         low = name.lower()
-        if low in drop or low in named or low.startswith("proxy-"):
+        if low in drop or low.startswith(b"proxy-"):
+            if low == b"connection":
+                named.append(value)
             continue
-        out.add(name, value)
-    return out
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if named:  # RFC 9110 §7.6.1: what Connection names is for this hop only
+        hop = connection_named(named)
+        lines = [line for line in lines if line.partition(b":")[0].lower() not in hop]
+    return lines
 
 
-def upstream_request_headers(
-    incoming: CIMultiDictProxy[str], *, authorization: str, request_id: str
-) -> CIMultiDict[str]:
-    """Headers for the request to the partner API."""
-    out = _shape(incoming, _REQUEST_DROP)
-    out[X_REQUEST_ID] = request_id
-    out[AUTHORIZATION] = authorization  # last: nothing the client sent can replace it
-    return out
+def upstream_request_head(raw: RawHeaders, *, authorization: bytes, request_id: bytes) -> bytes:
+    """Header lines for the request to the partner API (no Host, no framing: the client
+    adds those)."""
+    lines = _shape(raw, _REQUEST_DROP)
+    lines.append(b"X-Request-ID: %s\r\n" % request_id)
+    lines.append(b"Authorization: %s\r\n" % authorization)  # last: nothing the client sent can replace it
+    return b"".join(lines)
 
 
-def client_response_headers(upstream: CIMultiDictProxy[str], *, request_id: str) -> CIMultiDict[str]:
-    """Headers for the answer to the app. Content-Length and Content-Encoding pass untouched."""
-    out = _shape(upstream, _RESPONSE_DROP)
-    out[X_REQUEST_ID] = request_id
-    return out
+def client_response_head(raw: RawHeaders, *, request_id: bytes) -> bytes:
+    """Header lines for the answer to the app (no framing: the writer sets it).
+    Content-Encoding and everything else end-to-end pass untouched."""
+    lines = _shape(raw, _RESPONSE_DROP)
+    lines.append(b"X-Request-ID: %s\r\n" % request_id)
+    return b"".join(lines)

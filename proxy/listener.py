@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -52,6 +52,7 @@ HTTP_11 = HttpVersion(1, 1)
 #: statuses whose responses never have a body (RFC 9110 §6.4.1)
 NO_BODY = frozenset({204, 304})
 
+RawHeaders = Sequence[tuple[bytes, bytes]]
 Handler = Callable[["Request"], Awaitable[None]]
 Refuser = Callable[["Request", HttpProcessingError], None]
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -60,15 +61,17 @@ _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 class Request:
     """One request as it came in, and the one way to answer it."""
 
-    __slots__ = ("method", "target", "version", "headers", "content", "remote", "keep_alive", "_conn",
+    __slots__ = ("method", "target", "version", "headers", "raw_headers", "content", "remote", "keep_alive", "_conn",
                  "_started", "_done", "_chunked", "_continued")
 
     def __init__(self, conn: Connection, method: str, target: str, version: HttpVersion,
-                 headers: CIMultiDictProxy[str], content: StreamReader, keep_alive: bool) -> None:
+                 headers: CIMultiDictProxy[str], raw_headers: RawHeaders, content: StreamReader,
+                 keep_alive: bool) -> None:
         self.method = method
         self.target = target  # the request target exactly as received
         self.version = version
         self.headers = headers
+        self.raw_headers = raw_headers  # (name, value) bytes as received, in order
         self.content = content
         self.remote = conn.remote
         self.keep_alive = keep_alive
@@ -104,15 +107,16 @@ class Request:
         """The client waits for 100 Continue before it sends the body, and never got it."""
         return not self._continued and self.headers.get("Expect", "").lower() == "100-continue"
 
-    def respond(self, status: int, reason: str, headers: CIMultiDict[str], body: bytes) -> None:
-        """The whole response in one write; Content-Length is set from `body`."""
-        head = self._head(status, reason, headers, None if status in NO_BODY else len(body))
+    def respond(self, status: int, reason: str, headers: bytes, body: bytes, *, dated: bool = False) -> None:
+        """The whole response in one write. `headers` are header lines (`Name: value\r\n`)
+        without framing: Content-Length is set from `body`; Date too, unless `dated`."""
+        head = self._head(status, reason, headers, None if status in NO_BODY else len(body), dated=dated)
         self._conn.write(head if self.method == "HEAD" or status in NO_BODY or not body else head + body)
         self._done = True
 
-    def start(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None,
-              first: bytes = b"") -> None:
-        """Status line and headers, and `first`, the body bytes already at hand, in one write;
+    def start(self, status: int, reason: str, headers: bytes, length: int | None, first: bytes = b"",
+              *, dated: bool = False) -> None:
+        """Status line, headers, and `first`, the body bytes already at hand, in one write;
         the rest follows with `write()` and `end()`. With no `length`, the body is chunked for
         HTTP/1.1 clients and ends at close for HTTP/1.0."""
         bodiless = self.method == "HEAD" or status in NO_BODY
@@ -121,7 +125,7 @@ class Request:
                 self._chunked = True
             else:
                 self.keep_alive = False  # the body ends when the connection does
-        head = self._head(status, reason, headers, length, chunked=self._chunked)
+        head = self._head(status, reason, headers, length, chunked=self._chunked, dated=dated)
         if first and not bodiless:
             head += b"%x\r\n%s\r\n" % (len(first), first) if self._chunked else first
         self._conn.write(head)
@@ -147,8 +151,8 @@ class Request:
         self.keep_alive = False
         self._conn.abort()
 
-    def _head(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None,
-              *, chunked: bool = False) -> bytes:
+    def _head(self, status: int, reason: str, headers: bytes, length: int | None, *,
+              chunked: bool = False, dated: bool = False) -> bytes:
         self._started = True
         conn = self._conn
         if conn.closing:
@@ -157,21 +161,19 @@ class Request:
             # answered before the body it held back: it will not come, so the connection
             # cannot be reused, and the client is told so (RFC 9110 §10.1.1)
             self.keep_alive = False
-        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-        if "Date" not in headers:
-            lines.append(conn.server.date_line())
         if chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
+            framing = b"Transfer-Encoding: chunked\r\n"
         elif length is not None:
-            lines.append(f"Content-Length: {length}\r\n")
+            framing = b"Content-Length: %d\r\n" % length
+        else:
+            framing = b""
         if not self.keep_alive:
-            lines.append("Connection: close\r\n")
+            framing += b"Connection: close\r\n"
         elif self.version == HTTP_10:
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        # header bytes go out as they came in (the parsers decode UTF-8 with surrogateescape)
-        return "".join(lines).encode("utf-8", "surrogateescape")
+            framing += b"Connection: keep-alive\r\n"
+        # a response forwarded without a Date gets one (RFC 9110 §6.6.1)
+        date = b"" if dated else conn.server.date_line()
+        return b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (status, reason.encode("utf-8", "surrogateescape"), headers, date, framing)
 
 
 class Connection(BaseProtocol):
@@ -270,12 +272,12 @@ class Connection(BaseProtocol):
                 item = queue.popleft()
                 self._busy = True
                 if isinstance(item, HttpProcessingError):
-                    self.server.refuse(Request(self, "GET", "", HTTP_11, _NO_HEADERS, EMPTY_PAYLOAD, False), item)
+                    self.server.refuse(Request(self, "GET", "", HTTP_11, _NO_HEADERS, (), EMPTY_PAYLOAD, False), item)
                     break
                 message, payload = item
                 self._resume_if_drained()
                 request = Request(self, message.method, message.path, message.version, message.headers,
-                                  payload, not message.should_close and self._reading)
+                                  message.raw_headers, payload, not message.should_close and self._reading)
                 self._request = request
                 await handler(request)
                 self._request = None
@@ -379,7 +381,7 @@ class Listener:
         self.idle_timeout = idle_timeout
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
-        self._date = ""
+        self._date = b""
         self._date_at = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -411,10 +413,10 @@ class Listener:
             await asyncio.wait(pending, timeout=1.0)
         return not pending
 
-    def date_line(self) -> str:
+    def date_line(self) -> bytes:
         """`Date: ...\\r\\n`, formatted once a second (RFC 9110 §6.6.1)."""
         now = int(time.time())
         if now != self._date_at:
             self._date_at = now
-            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n"
+            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
         return self._date

@@ -238,7 +238,7 @@ class _Clock:
 
 
 #: what the forwarder calls once a request: method, path, status, upstream_status,
-#: duration_ms, replayed, request_id
+#: duration_ms (logged to the microsecond), replayed, request_id
 AccessLog = Callable[[str, str, int, "int | None", float, bool, str], None]
 
 
@@ -259,7 +259,7 @@ def access_logger(redactor: Redactor) -> AccessLog | None:
         def console(method: str, path: str, status: int, upstream_status: int | None,
                     duration_ms: float, replayed: bool, request_id: str) -> None:
             logger.info("access", method=method, path=path, status=status, upstream_status=upstream_status,
-                        duration_ms=duration_ms, replayed=replayed, request_id=request_id)
+                        duration_ms=round(duration_ms, 3), replayed=replayed, request_id=request_id)
 
         return console
     clock = _Clock()
@@ -271,7 +271,7 @@ def access_logger(redactor: Redactor) -> AccessLog | None:
         write(
             f'{{"method": {_json_str(method)}, "path": {_json_str(scrub(path))}, '
             f'"status": {int(status)}, "upstream_status": {"null" if upstream_status is None else int(upstream_status)}, '
-            f'"duration_ms": {float(duration_ms)!r}, "replayed": {"true" if replayed else "false"}, '
+            f'"duration_ms": {duration_ms:.3f}, "replayed": {"true" if replayed else "false"}, '
             f'"request_id": {_json_str(scrub(request_id))}, "event": "access", "level": "info", '
             f'"timestamp": "{clock.now()}"}}'
         )

@@ -76,11 +76,11 @@ class Token:
     lifetime: float
     obtained_at: float  # clock.monotonic()
     obtained_wall: float  # clock.time(), for display
-    #: the whole `Authorization` value, built once per token rather than per request
-    header: str = field(init=False)
+    #: the whole `Authorization` value as sent, built once per token rather than per request
+    header: bytes = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "header", f"Bearer {self.value}")
+        object.__setattr__(self, "header", f"Bearer {self.value}".encode())
 
     @property
     def expires_at(self) -> float:

@@ -35,7 +35,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser
 from aiohttp.streams import EMPTY_PAYLOAD
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 #: seconds an idle connection is kept (origins commonly close theirs after 60-75 s)
 KEEPALIVE_TIMEOUT = 15.0
@@ -191,18 +191,19 @@ class ConnectFailed(ConnectionError):
 class Exchange:
     """One response: status, headers, and the body as a stream (`content`)."""
 
-    __slots__ = ("status", "reason", "headers", "content", "_pool", "_proto", "_keep", "_done", "_writer")
+    __slots__ = ("status", "reason", "headers", "raw_headers", "content", "_pool", "_proto", "_keep", "_done",
+                 "_writer")
 
-    def __init__(self, pool: Upstream, proto: OriginConnection, status: int, reason: str,
-                 headers: CIMultiDictProxy[str], content: StreamReader, keep: bool,
+    def __init__(self, pool: Upstream, proto: OriginConnection, message: Any, content: StreamReader,
                  writer: asyncio.Task[None] | None) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = message.raw_headers  # as received
         self.content = content
         self._pool = pool
         self._proto = proto
-        self._keep = keep
+        self._keep = not message.should_close
         self._done = False
         self._writer = writer
 
@@ -243,6 +244,7 @@ class Upstream:
         default_port = (parts.scheme == "https" and self._port == 443) or (parts.scheme == "http" and self._port == 80)
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.host_header = host if default_port else f"{host}:{self._port}"
+        self._host_line = self.host_header.encode()
         self._base_path = parts.path.rstrip("/")  # upstream.url's base path, kept before every target
         self._ssl: ssl.SSLContext | None = None
         if parts.scheme == "https":
@@ -321,10 +323,12 @@ class Upstream:
 
     # --- one request --------------------------------------------------------------------
 
-    async def send(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> Exchange:
-        """Send a request (headers already shaped; Host is set here) and return its response
-        once the status line and headers are in."""
-        head = self._head(method, target, headers, body)
+    async def send(self, method: str, target: str, headers: bytes, body: Body, length: int | None = None) -> Exchange:
+        """Send a request and return its response once the status line and headers are in.
+        `headers` are the shaped header lines; Host and framing are set here, from the body:
+        a streamed body goes with `length` when it is known, else chunked."""
+        chunked = body is not None and not isinstance(body, bytes) and length is None
+        head = self._head(method, target, headers, body, length, chunked)
         if self._in_use < self._limit and not self._waiting:
             self._in_use += 1
         else:
@@ -335,7 +339,7 @@ class Upstream:
             if proto is None:
                 proto = await self._connect()
             try:
-                return await self._exchange(proto, method, head, body)
+                return await self._exchange(proto, method, head, body, chunked)
             except (ServerDisconnectedError, ClientOSError) as exc:
                 # The origin closed a pooled connection as we reused it, before any answer: once
                 # more, on a new one. A clean close means it never took the request; a reset
@@ -346,28 +350,26 @@ class Upstream:
                 if isinstance(exc, ClientOSError) and method not in IDEMPOTENT:
                     raise
                 proto = await self._connect()
-                return await self._exchange(proto, method, head, body)
+                return await self._exchange(proto, method, head, body, chunked)
         except BaseException:
             self._release_slot()
             raise
 
-    def _head(self, method: str, target: str, headers: CIMultiDict[str], body: Body) -> bytes:
-        lines = [f"{method} {self._base_path}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value:  # the parser in front already refuses these
-                raise ValueError("a header value holds a line break")
-            lines.append(f"{name}: {value}\r\n")
+    def _head(self, method: str, target: str, headers: bytes, body: Body, length: int | None, chunked: bool) -> bytes:
         if isinstance(body, bytes):
-            if "Content-Length" not in headers:
-                lines.append(f"Content-Length: {len(body)}\r\n")
-        elif body is not None and "Content-Length" not in headers:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        elif body is None and method in ("POST", "PUT", "PATCH") and "Content-Length" not in headers:
-            lines.append("Content-Length: 0\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+            framing = b"Content-Length: %d\r\n" % len(body)
+        elif chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif body is not None and length is not None:
+            framing = b"Content-Length: %d\r\n" % length
+        elif method in ("POST", "PUT", "PATCH"):
+            framing = b"Content-Length: 0\r\n"  # RFC 9110 §8.6: a request that would carry content
+        else:
+            framing = b""
+        line = f"{method} {self._base_path}{target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+        return b"%sHost: %s\r\n%s%s\r\n" % (line, self._host_line, headers, framing)
 
-    async def _exchange(self, proto: OriginConnection, method: str, head: bytes, body: Body) -> Exchange:
+    async def _exchange(self, proto: OriginConnection, method: str, head: bytes, body: Body, chunked: bool) -> Exchange:
         transport = proto.transport
         if transport is None or transport.is_closing():
             raise ServerDisconnectedError()
@@ -379,7 +381,7 @@ class Upstream:
                 proto.start_timeout()
             else:
                 transport.write(head)
-                writer = asyncio.ensure_future(self._write_body(proto, body, chunked=b"Transfer-Encoding: chunked" in head))
+                writer = asyncio.ensure_future(self._write_body(proto, body, chunked=chunked))
                 writer.add_done_callback(_retrieve)  # its failure is told through the protocol
             message, payload = await response
             if writer is not None and writer.done() and not writer.cancelled() and writer.exception() is not None:
@@ -391,8 +393,7 @@ class Upstream:
                     await writer
             proto.close()
             raise
-        return Exchange(self, proto, message.code, message.reason, message.headers, payload,
-                        not message.should_close, writer)
+        return Exchange(self, proto, message, payload, writer)
 
     @staticmethod
     async def _write_body(proto: OriginConnection, body: AsyncIterator[bytes], *, chunked: bool) -> None:

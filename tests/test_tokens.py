@@ -227,7 +227,7 @@ def test_token_repr_hides_the_value() -> None:
     token = Token(value="very-secret-token", generation=3, lifetime=10, obtained_at=0, obtained_wall=0)
     assert "very-secret-token" not in repr(token)
     assert "very-secret-token" not in repr(Grant(value="very-secret-token", lifetime=1))
-    assert token.header == "Bearer very-secret-token"
+    assert token.header == b"Bearer very-secret-token"
     assert len(token.fingerprint) == 12
 
 
