@@ -144,8 +144,8 @@ class Forwarder:
 
     async def __call__(self, request: Request) -> None:
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-ID", "")
-        if not _REQUEST_ID.fullmatch(request_id):
+        request_id = request.headers.get("X-Request-ID")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = f"{self._id_prefix}{next(self._ids):016x}"
         outcome = _Outcome()
         self._stats.in_flight += 1
@@ -201,7 +201,8 @@ class Forwarder:
                     outcome.replayed = True
                     self._stats.replays += 1
             outcome.status = upstream.status
-            await self._stream_back(request, upstream, request_id, outcome.replayed)
+            if not self._answer_whole(request, upstream, request_id, outcome.replayed):
+                await self._stream_back(request, upstream, request_id, outcome.replayed)
         except BaseException:
             # whatever happened (the client left mid-answer, no token for the replay), the
             # connection is not reused and its slot comes back; a no-op once released
@@ -297,24 +298,26 @@ class Forwarder:
             self._stats.observe_upstream(time.perf_counter() - started)
         return response
 
-    async def _stream_back(self, request: Request, upstream: Exchange, request_id: str, replayed: bool) -> None:
-        headers = client_response_head(upstream.raw_headers, request_id=request_id.encode())
-        if replayed:
-            headers += RETRIED_LINE
-        dated = "Date" in upstream.headers
+    def _answer_whole(self, request: Request, upstream: Exchange, request_id: str, replayed: bool) -> bool:
+        """When the whole body came in with the headers (most partner API answers): status,
+        headers and body in one write, and True. A chunked answer becomes a sized one."""
         content = upstream.content
-        if content.is_eof() and request.method != "HEAD" and upstream.status not in NO_BODY:
-            # The whole body came in with the headers (most partner API answers): status,
-            # headers and body go out in one write. A chunked answer becomes a sized one.
-            body = content.read_nowait(-1)
-            upstream.release()
-            request.respond(upstream.status, upstream.reason, headers, body, dated=dated)
-            return
+        if not content.is_eof() or request.method == "HEAD" or upstream.status in NO_BODY:
+            return False
+        body = content.read_nowait(-1)
+        upstream.release()
+        request.respond(upstream.status, upstream.reason, self._response_head(upstream, request_id, replayed), body,
+                        dated="Date" in upstream.headers)
+        return True
+
+    async def _stream_back(self, request: Request, upstream: Exchange, request_id: str, replayed: bool) -> None:
+        content = upstream.content
         try:
             first = content.read_nowait(-1)  # what came with the headers goes out with them
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _upstream_error(exc) from exc
-        request.start(upstream.status, upstream.reason, headers, upstream.content_length, first, dated=dated)
+        request.start(upstream.status, upstream.reason, self._response_head(upstream, request_id, replayed),
+                      upstream.content_length, first, dated="Date" in upstream.headers)
         try:
             async for chunk in content.iter_any():
                 await request.write(chunk)
@@ -327,6 +330,11 @@ class Forwarder:
             return
         upstream.release()
         request.end()
+
+    @staticmethod
+    def _response_head(upstream: Exchange, request_id: str, replayed: bool) -> bytes:
+        headers = client_response_head(upstream.raw_headers, request_id=request_id.encode())
+        return headers + RETRIED_LINE if replayed else headers
 
 
 async def _discard(response: Exchange) -> None:
