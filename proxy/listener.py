@@ -273,6 +273,7 @@ class Connection(BaseProtocol):
                 self._busy = True
                 if isinstance(item, HttpProcessingError):
                     self.server.refuse(Request(self, "GET", "", HTTP_11, _NO_HEADERS, (), EMPTY_PAYLOAD, False), item)
+                    await self._linger()
                     break
                 message, payload = item
                 self._resume_if_drained()
@@ -321,6 +322,21 @@ class Connection(BaseProtocol):
         except (Exception, TimeoutError):
             return False
         return keep
+
+    async def _linger(self) -> None:
+        """Before closing on a client that may still be sending: shut our side for writing and
+        let what it sends be read and dropped, for at most LINGER seconds, so that it reads the
+        answer rather than a reset (closing with unread bytes makes the kernel send one)."""
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            return
+        transport.write_eof()
+        self._waiter = self._loop.create_future()  # woken when the client closes too
+        try:
+            async with asyncio.timeout(LINGER):
+                await self._waiter
+        except TimeoutError:
+            pass
 
     def _wake(self) -> None:
         waiter = self._waiter

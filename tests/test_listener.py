@@ -293,3 +293,16 @@ async def test_a_failing_handler_costs_one_connection_not_the_listener(
     assert len(failed) == 1 and failed[0]["level"] == "error" and "RuntimeError" in failed[0]["exception"]
     access = [json.loads(line) for line in log_buffer.getvalue().splitlines() if '"access"' in line]
     assert [a["status"] for a in access] == [500, 200]
+
+
+async def test_a_malformed_request_with_more_bytes_behind_it_still_reads_its_400(
+    start_proxy: StartProxy, fake: FakeNdovu
+) -> None:
+    proxy = await start_proxy()
+    client = await Client.open(proxy)
+    client.writer.write(b"GET /api/v3/partners/x HTTP/1.1\r\nNo colon here\r\n\r\n" + b"z" * (DISCARD_LIMIT * 8))
+    await client.writer.drain()
+    status, headers, _ = await client.response()
+    assert status == 400 and headers["x-ndovu-proxy-error"] == "bad_request"
+    assert await client.closed()
+    assert fake.api_log == []
