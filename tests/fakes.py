@@ -130,6 +130,20 @@ def stall(event: asyncio.Event, then: Fault | None = None) -> Fault:
     return fault
 
 
+class Gate:
+    """A fault that holds every request until `release` is set, then answers `text`;
+    `reached` is set as soon as one request is held."""
+
+    def __init__(self, text: str = "late") -> None:
+        self.reached, self.release = asyncio.Event(), asyncio.Event()
+        self._text = text
+
+    async def __call__(self, _request: web.Request) -> web.StreamResponse:
+        self.reached.set()
+        await self.release.wait()
+        return web.Response(text=self._text)
+
+
 def reset() -> Fault:
     """Drop the connection without an answer."""
 

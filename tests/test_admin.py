@@ -108,21 +108,13 @@ async def test_metrics(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.C
 
 
 async def test_in_flight_gauge_counts_open_requests(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:
-    reached, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(_request: object) -> object:
-        reached.set()
-        await release.wait()
-        from aiohttp import web
-
-        return web.Response(text="ok")
-
-    fake.api_faults["slow"] = slow  # type: ignore[assignment]
+    gate = fakes.Gate("ok")
+    fake.api_faults["slow"] = gate
     proxy = await start_proxy()
     pending = asyncio.create_task(http.get(url(proxy, f"{API}/slow")))
-    await asyncio.wait_for(reached.wait(), 5)
+    await asyncio.wait_for(gate.reached.wait(), 5)
     assert (await scrape(http, proxy))["ndovu_proxy_in_flight_requests"][()] == 1
-    release.set()
+    gate.release.set()
     (await pending).release()
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.app import Proxy
 from proxy.listener import DISCARD_LIMIT, MAX_PIPELINE
+from tests import fakes
 from tests.conftest import StartProxy
 from tests.fakes import FakeNdovu
 
@@ -244,23 +245,17 @@ async def test_a_malformed_request_gets_the_proxys_own_400(start_proxy: StartPro
 async def test_shutdown_closes_idle_connections_and_lets_busy_ones_finish(
     start_proxy: StartProxy, fake: FakeNdovu, log_buffer: Any
 ) -> None:
-    reached, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(_request: web.Request) -> web.StreamResponse:
-        reached.set()
-        await release.wait()
-        return web.Response(text="late")
-
-    fake.api_faults["slow"] = slow
+    gate = fakes.Gate("late")
+    fake.api_faults["slow"] = gate
     proxy = await start_proxy({"shutdown_timeout": 10})
     idle, busy = await Client.open(proxy), await Client.open(proxy)
     await idle.send(get(f"{API}/once"))
     assert (await idle.response())[0] == 200
     await busy.send(get(f"{API}/slow"))
-    await asyncio.wait_for(reached.wait(), 5)
+    await asyncio.wait_for(gate.reached.wait(), 5)
     stopping = asyncio.create_task(proxy.stop())
     assert await idle.closed()  # at once, not after the drain
-    release.set()
+    gate.release.set()
     status, headers, body = await busy.response()
     assert status == 200 and body == b"late" and headers["connection"] == "close"
     assert await busy.closed()

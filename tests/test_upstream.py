@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests import fakes
 from tests.conftest import StartProxy, url
 from tests.fakes import FakeNdovu
 
@@ -127,21 +128,15 @@ async def test_a_pooled_connection_closed_by_the_origin_is_not_a_failure(aiohttp
 async def test_requests_wait_for_a_connection_when_the_pool_is_full(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:
     import asyncio
 
-    reached, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(_request: web.Request) -> web.StreamResponse:
-        reached.set()
-        await release.wait()
-        return web.Response(text="slow")
-
-    fake.api_faults["slow"] = slow
+    gate = fakes.Gate("slow")
+    fake.api_faults["slow"] = gate
     proxy = await start_proxy({"upstream.max_connections": 1})
     first = asyncio.create_task(http.get(url(proxy, f"{API}/slow")))
-    await asyncio.wait_for(reached.wait(), 5)
+    await asyncio.wait_for(gate.reached.wait(), 5)
     second = asyncio.create_task(http.get(url(proxy, f"{API}/quick")))
     done, _ = await asyncio.wait({second}, timeout=0.3)
     assert not done  # waiting for the one connection, not failing
-    release.set()
+    gate.release.set()
     for task in (first, second):
         resp = await asyncio.wait_for(task, 5)
         assert resp.status == 200
@@ -153,28 +148,26 @@ async def test_a_request_that_gives_up_waiting_for_a_connection_leaks_no_slot(
 ) -> None:
     import asyncio
 
-    reached, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(_request: web.Request) -> web.StreamResponse:
-        reached.set()
-        await release.wait()
-        return web.Response(text="slow")
-
-    fake.api_faults["slow"] = slow
+    gate = fakes.Gate("slow")
+    fake.api_faults["slow"] = gate
     proxy = await start_proxy({"upstream.max_connections": 1})
     assert proxy.address is not None and proxy.upstream is not None
     first = asyncio.create_task(http.get(url(proxy, f"{API}/slow")))
-    await asyncio.wait_for(reached.wait(), 5)
+    await asyncio.wait_for(gate.reached.wait(), 5)
     # a client waits for the one connection, then goes away
     reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
     writer.write(f"GET {API}/gone HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
-    while not proxy.upstream._waiting:  # noqa: SLF001 - the subject: it is queued for a slot
-        await asyncio.sleep(0)
+    pool = proxy.upstream
+
+    async def until(condition: Any) -> None:  # no event tells of a place in the pool's queue
+        while not condition():
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(until(lambda: pool._waiting), 5)  # noqa: SLF001 - the subject: queued for a slot
     writer.transport.abort()
-    while proxy.upstream._waiting and not proxy.upstream._waiting[0].cancelled():  # noqa: SLF001
-        await asyncio.sleep(0)
-    release.set()
+    await asyncio.wait_for(until(lambda: pool._waiting[0].cancelled()), 5)  # noqa: SLF001 - it gave up
+    gate.release.set()
     resp = await asyncio.wait_for(first, 5)
     assert resp.status == 200
     resp.release()
