@@ -74,8 +74,9 @@ def _shape(raw: RawHeaders, drop: frozenset[bytes]) -> list[bytes]:
             continue
         lines.append(b"%s: %s\r\n" % (name, value))
     if named:  # RFC 9110 §7.6.1: what Connection names is for this hop only
-        hop = connection_named(named)
-        lines = [line for line in lines if line.partition(b":")[0].lower() not in hop]
+        hop = connection_named(named) - drop  # most name only keep-alive or close
+        if hop:
+            lines = [line for line in lines if line.partition(b":")[0].lower() not in hop]
     return lines
 
 

@@ -247,6 +247,12 @@ class Connection(BaseProtocol):
             self._task.cancel()  # whatever the handler waits for, nobody will read its answer
         self._wake()
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # as in upstream.OriginConnection: a body read below its low-water mark calls this
+        # whether or not reading was paused; only a pause needs undoing
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     def _cut_bodies(self, exc: BaseException) -> None:
         """Request bodies still coming in will not end: their readers hear why."""
         payloads = [item[1] for item in self._queue if isinstance(item, tuple)]

@@ -80,6 +80,12 @@ class OriginConnection(BaseProtocol):
     def is_connected(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's StreamReader calls this after every read below its low-water mark, paused
+        # or not, and BaseProtocol then feeds the parser an empty chunk: only a pause needs it
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
