@@ -10,11 +10,13 @@ Unlike aiohttp's own client protocol, a connection keeps one parser for all its 
 and one lazy read timer (checked when it fires, not re-armed on every read).
 
 Invariants:
-- at most `limit` connections are in use; further requests wait for one;
+- at most `limit` connections are in use; further requests wait for one, first come first
+  served, and one that gives up waiting takes no slot with it;
 - a connection goes back to the pool only after its response was read to the end and
   neither side asked to close; anything else is closed;
 - a request whose pooled connection turns out to be closed by the origin before any answer
-  (a keep-alive race) is sent again once, on a new connection, if its body can be re-sent.
+  (a keep-alive race) is sent again once, on a new connection, if its body can be re-sent
+  (after a reset rather than a clean close, only if its method is idempotent).
 """
 
 from __future__ import annotations
