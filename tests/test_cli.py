@@ -299,3 +299,21 @@ async def test_console_logs_are_coloured_on_a_terminal(command: MakeCommand) -> 
     assert b"\x1b[" in seen  # ANSI colours: auto picked the console format on a TTY
     assert not seen.lstrip().startswith(b"{")
 
+
+
+def test_mock_upstream_help_names_the_demo_credentials(capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy import cli, mock
+
+    with pytest.raises(SystemExit):
+        cli.main(["mock-upstream", "--help"])
+    out = capsys.readouterr().out
+    assert f"(default {mock.DEMO_CLIENT_ID})" in out and f"(default {mock.DEMO_CLIENT_SECRET})" in out
+
+
+def test_serve_does_not_load_the_fake_api_or_aiohttp_web() -> None:
+    """`serve` stays lean: aiohttp's web framework is only for demo and mock-upstream."""
+    import subprocess
+
+    probe = "import sys, proxy.cli, proxy.app; print('aiohttp.web' in sys.modules, 'proxy.mock' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.split() == ["False", "False"]
