@@ -45,7 +45,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.headers import client_response_head, upstream_request_head
-from proxy.listener import Request
+from proxy.listener import HTTP_10, HTTP_11, NO_BODY, Request
 from proxy.logs import AccessLog
 from proxy.metrics import Stats
 from proxy.tokens import Token
@@ -60,9 +60,6 @@ ERROR_HEADER = "X-Ndovu-Proxy-Error"
 CLIENT_CLOSED = 499
 #: a 401 body up to this size is read and dropped before a replay, to keep the connection
 DISCARD_READ_LIMIT = 65536
-NO_BODY = frozenset({204, 304})
-HTTP_10 = aiohttp.HttpVersion(1, 0)
-HTTP_11 = aiohttp.HttpVersion(1, 1)
 
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 # RFC 6750 §3: error="..." in a Bearer challenge

@@ -13,8 +13,9 @@ Invariants:
   in a short queue; reading pauses when it is full);
 - a response is either complete, or the connection is aborted: a client never takes a short
   body for a whole one;
-- a connection is kept only when both sides allow it, the request body was read to the end
-  and the response's length was known; else it is closed after the response;
+- a connection is kept only when both sides allow it, the request body came in to the end
+  (read by the handler, or a short rest dropped after the answer) and the response's length
+  was known; else it is closed after the response, lingering so the client reads the answer;
 - a connection idle, or with a request's headers unfinished, for `idle_timeout` is closed;
 - when the client goes away, the handler working for it is cancelled.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from typing import Any
 
@@ -35,6 +36,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.headers import RawHeaders
 
 log = structlog.get_logger("proxy.listener")
 
@@ -52,7 +55,6 @@ HTTP_11 = HttpVersion(1, 1)
 #: statuses whose responses never have a body (RFC 9110 §6.4.1)
 NO_BODY = frozenset({204, 304})
 
-RawHeaders = Sequence[tuple[bytes, bytes]]
 Handler = Callable[["Request"], Awaitable[None]]
 Refuser = Callable[["Request", HttpProcessingError], None]
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
