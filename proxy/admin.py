@@ -1,6 +1,6 @@
 """The admin listener: /healthz, /readyz, /metrics and /tokenz.
 
-Served by the same small HTTP/1.1 listener as the proxy (`proxy.listener`): four GET
+Served by the same small HTTP/1.1 listener as the proxy (`proxy.wire`): four GET
 endpoints need no router, and leaving aiohttp's web framework unloaded keeps the sidecar's
 idle memory down. Nothing here ever shows a token, a secret or a request's headers: /tokenz
 gives the token's SHA-256 fingerprint, never the token.
@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any
 
-from aiohttp.http_exceptions import HttpProcessingError
-
-from proxy.listener import Request
 from proxy.metrics import Stats
 from proxy.tokens import TokenCache
+from proxy.wire import Request
 
 JSON = "application/json; charset=utf-8"
 Answer = tuple[int, bytes, str]  # status, body, content type
@@ -67,12 +64,19 @@ class Admin:
             status, body, kind = _json({"error": "method_not_allowed"}, 405)
         else:
             status, body, kind = route()
-        headers = f"Content-Type: {kind}\r\n" + ("Allow: GET, HEAD\r\n" if status == 405 else "")
-        request.respond(status, HTTPStatus(status).phrase, headers.encode(), body)
+        headers = [(b"Content-Type", kind.encode())]
+        if status == 405:
+            headers.append((b"Allow", b"GET, HEAD"))
+        request.respond(status, headers, body)
 
-    def refuse(self, request: Request, _exc: HttpProcessingError) -> None:
-        status, body, kind = _json({"error": "bad_request"}, 400)
-        request.respond(status, HTTPStatus(status).phrase, f"Content-Type: {kind}\r\n".encode(), body)
+    def refuse(self, request: Request, kind: str) -> None:
+        status, body, content_type = _json({"error": "headers_too_large" if kind == "headers_too_large" else "bad_request"},
+                                           431 if kind == "headers_too_large" else 400)
+        request.respond(status, [(b"Content-Type", content_type.encode())], body)
+
+    def fail(self, request: Request, exc: Exception) -> None:
+        status, body, content_type = _json({"error": "internal_error"}, 500)
+        request.respond(status, [(b"Content-Type", content_type.encode())], body)
 
     def healthz(self) -> Answer:
         return _json({"status": "ok"})

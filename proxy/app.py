@@ -1,8 +1,8 @@
 """Assembles the running proxy: the token cache and its refresher, the upstream pool, the
 proxy listener and the admin listener; and how they start, reload and stop.
 
-Both listeners are `proxy.listener`'s: the proxy's hands every request to the forwarder (a
-proxy has no routes; aiohttp's router would answer `CONNECT host:port` with 404 before any
+Both listeners are `proxy.wire`'s: the proxy's hands every request to the forwarder (a
+proxy has no routes; a router would answer `CONNECT host:port` with 404 before any
 handler could refuse it properly), the admin one to `proxy.admin`.
 """
 
@@ -21,12 +21,11 @@ from proxy import logs
 from proxy.admin import Admin
 from proxy.config import Address, Settings, read_secret_file
 from proxy.forward import Forwarder
-from proxy.listener import Listener
 from proxy.logs import Redactor
 from proxy.metrics import Stats
 from proxy.ndovu import NdovuAuth
 from proxy.tokens import Clock, TokenCache
-from proxy.upstream import Upstream
+from proxy.wire import Listener, Pool
 
 log = structlog.get_logger("proxy.app")
 
@@ -37,6 +36,8 @@ NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 #: seconds a client connection may sit idle, or with a request's headers unfinished, before it
 #: is closed: a slow-header client cannot hold a connection longer than this
 CLIENT_IDLE_TIMEOUT = 75.0
+#: seconds the admin listener waits for a byte of a request body (its endpoints take none)
+ADMIN_BODY_TIMEOUT = 10.0
 #: seconds a scrape in flight at shutdown may take to finish
 ADMIN_DRAIN = 1.0
 
@@ -50,9 +51,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext | bool:
     return True
 
 
-def make_upstream(settings: Settings) -> Upstream:
+def make_upstream(settings: Settings) -> Pool:
     up = settings.upstream
-    return Upstream(up.url, tls=tls_context(settings), limit=up.max_connections,
+    return Pool(up.url, tls=tls_context(settings), limit=up.max_connections,
                     connect_timeout=up.connect_timeout, read_timeout=up.read_timeout)
 
 
@@ -98,7 +99,7 @@ class Proxy:
         self.stats = Stats()
         self.session: aiohttp.ClientSession | None = None
         self.tokens: TokenCache | None = None
-        self.upstream: Upstream | None = None
+        self.upstream: Pool | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self._admin: Listener | None = None
@@ -128,11 +129,12 @@ class Proxy:
         access = logs.access_logger(self.redactor) if s.logging.access_log else None
         self.upstream = make_upstream(s)
         forwarder = Forwarder(s, self.upstream, self.tokens, self.stats, access)
-        self._listener = Listener(forwarder, forwarder.refuse, idle_timeout=CLIENT_IDLE_TIMEOUT)
+        self._listener = Listener(forwarder, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=s.upstream.read_timeout,
+                                  max_head=s.limits.max_header_bytes)
         self.address = Address(*await self._listener.start(s.listen.host, s.listen.port))
         if s.admin_listen is not None:
             admin = Admin(self.tokens, self.stats)
-            self._admin = Listener(admin, admin.refuse, idle_timeout=CLIENT_IDLE_TIMEOUT)
+            self._admin = Listener(admin, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=ADMIN_BODY_TIMEOUT)
             self.admin_address = Address(*await self._admin.start(s.admin_listen.host, s.admin_listen.port))
         log.info(
             "listening",

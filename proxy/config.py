@@ -55,6 +55,7 @@ DEFAULTS: Mapping[str, Any] = {
     "forwarding.allowed_paths": ["/api/v3/partners/"],
     "forwarding.allowed_clients": [],
     "forwarding.inbound_token": None,
+    "limits.max_header_bytes": 65536,
     "logging.level": "info",
     "logging.format": "auto",
     "logging.access_log": True,
@@ -128,6 +129,11 @@ class ForwardingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    max_header_bytes: int  # request line + headers + trailers; over it: 431
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str
     format: str  # json | console | auto
@@ -143,6 +149,7 @@ class Settings:
     forwarding: ForwardingSettings
     logging: LoggingSettings
     shutdown_timeout: float
+    limits: LimitsSettings = LimitsSettings(max_header_bytes=65536)
     config_file: str | None = None
 
 
@@ -287,6 +294,9 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None) -> Settings:
             access_log=_bool(raw, "logging.access_log"),
         ),
         shutdown_timeout=_number(raw, "shutdown_timeout"),
+        limits=LimitsSettings(
+            max_header_bytes=int(_number(raw, "limits.max_header_bytes", positive=True, integer=True)),
+        ),
         config_file=config_file,
     )
 

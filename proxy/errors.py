@@ -15,7 +15,10 @@
         ├── PathNotAllowed        403 path_not_allowed
         ├── ClientNotAllowed      403 client_not_allowed
         ├── BodyTooLarge          413 body_too_large
-        └── MethodNotAllowed      405 method_not_allowed
+        ├── MethodNotAllowed      405 method_not_allowed
+        ├── HeadersTooLarge       431 headers_too_large
+        ├── RequestTimeout        408 request_timeout
+        └── InternalError         500 internal_error (a bug in the proxy)
 
 `AuthError.kind` is the short name shown as `last_error` on /tokenz and as `reason` in logs.
 No message in this tree ever carries a token or a secret.
@@ -122,3 +125,18 @@ class BodyTooLarge(ProxyError):
 class MethodNotAllowed(ProxyError):
     status = 405
     code = "method_not_allowed"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    code = "headers_too_large"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+
+
+class InternalError(ProxyError):
+    status = 500
+    code = "internal_error"

@@ -1,8 +1,9 @@
 """The catch-all handler: admit a request, send it upstream with a token, stream the answer back.
 
 Per request:
-1. admit: refuse CONNECT and absolute-form targets (405), check `allowed_clients` and
-   `inbound_token` (403), normalise the path and check `allowed_paths` (403/400);
+1. admit: refuse CONNECT, TRACE, TRACK and absolute-form targets (405), check
+   `allowed_clients` and `inbound_token` (403), normalise the path and check
+   `allowed_paths` (403/400);
 2. body: bodies up to `replay_buffer_bytes` are read whole so they can be replayed after a
    401; larger ones stream, counted against `max_body_bytes` (413);
 3. send with the current token; on a 401 that blames the token, drop that token (only if it
@@ -10,7 +11,8 @@ Per request:
 4. stream the response back chunk by chunk. Once it has started, an upstream failure can
    only abort the client's connection: a cut-short body is never passed off as complete.
 
-Every failure becomes one of the proxy's own errors in `_upstream_error`, the one error path.
+Every failure of the wire (`proxy.wire.errors`) becomes one of the proxy's own errors in
+`_wire_error`, the one error path; anything else is a bug, answered 500 by the listener.
 """
 
 from __future__ import annotations
@@ -24,13 +26,9 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from http import HTTPStatus
 from typing import Protocol
 
-import aiohttp
 import structlog
-from aiohttp import StreamReader
-from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import paths
 from proxy.config import Settings
@@ -38,30 +36,35 @@ from proxy.errors import (
     BadRequest,
     BodyTooLarge,
     ClientNotAllowed,
+    HeadersTooLarge,
+    InternalError,
     MethodNotAllowed,
     ProxyError,
+    RequestTimeout,
     TokenUnavailable,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.headers import client_response_head, upstream_request_head
-from proxy.listener import HTTP_10, HTTP_11, NO_BODY, Request
+from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.logs import AccessLog
 from proxy.metrics import Stats
 from proxy.tokens import Token
-from proxy.upstream import ConnectFailed, Exchange, Upstream
+from proxy.wire import HTTP_10, HTTP_11, NO_BODY, Body, Pool, Request, Response, errors as wire
 
 log = structlog.get_logger("proxy.forward")
 
-RETRIED_HEADER = "X-Ndovu-Proxy-Retried"
-RETRIED_LINE = f"{RETRIED_HEADER}: 1\r\n".encode()
-ERROR_HEADER = "X-Ndovu-Proxy-Error"
+RETRIED = (b"X-Ndovu-Proxy-Retried", b"1")
+ERROR_HEADER = b"X-Ndovu-Proxy-Error"
+#: methods refused whatever the path: CONNECT would tunnel past upstream.url; TRACE and TRACK
+#: echo the request, token included, back to the app (RFC 9110 §9.3.8)
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
+ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 #: status logged when the client went away before an answer (nginx's convention)
 CLIENT_CLOSED = 499
 #: a 401 body up to this size is read and dropped before a replay, to keep the connection
 DISCARD_READ_LIMIT = 65536
 
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 # RFC 6750 §3: error="..." in a Bearer challenge
 _CHALLENGE_ERROR = re.compile(r'(?:^|[\s,])error\s*=\s*"?([^",\s]*)', re.IGNORECASE)
 
@@ -73,22 +76,26 @@ class TokenProvider(Protocol):
     def invalidate(self, stale: Token) -> bool: ...
 
 
-def blames_token(www_authenticate: str | None) -> bool:
+def blames_token(www_authenticate: bytes | None) -> bool:
     """True unless the 401's challenge names an error other than invalid_token (RFC 6750 §3.1)."""
     if not www_authenticate:
         return True
-    m = _CHALLENGE_ERROR.search(www_authenticate)
+    m = _CHALLENGE_ERROR.search(www_authenticate.decode("latin-1"))
     return m is None or m.group(1).lower() in ("", "invalid_token")
 
 
 def send_error(request: Request, exc: ProxyError, request_id: str) -> None:
     """The proxy's own answer: JSON `{"error", "message"}` and X-Ndovu-Proxy-Error."""
-    headers = (f"Content-Type: application/json; charset=utf-8\r\n{ERROR_HEADER}: {exc.code}\r\n"
-               f"X-Request-ID: {request_id}\r\n")
+    headers = [(b"Content-Type", b"application/json; charset=utf-8"), (ERROR_HEADER, exc.code.encode()),
+               (b"X-Request-ID", request_id.encode())]
     if isinstance(exc, TokenUnavailable):
-        headers += f"Retry-After: {exc.retry_after}\r\n"
+        headers.append((b"Retry-After", b"%d" % exc.retry_after))
+    if isinstance(exc, MethodNotAllowed):
+        headers.append((b"Allow", ALLOW))
+    if isinstance(exc, HeadersTooLarge | RequestTimeout | InternalError):
+        request.keep_alive = False  # what follows on the connection cannot be read as requests
     body = json.dumps({"error": exc.code, "message": exc.message}).encode()
-    request.respond(exc.status, HTTPStatus(exc.status).phrase, headers.encode(), body)
+    request.respond(exc.status, headers, body)
 
 
 class _Body:
@@ -120,7 +127,7 @@ class _Outcome:
 
 class Forwarder:
     def __init__(
-        self, settings: Settings, upstream: Upstream, tokens: TokenProvider, stats: Stats,
+        self, settings: Settings, upstream: Pool, tokens: TokenProvider, stats: Stats,
         access_log: AccessLog | None = None,
     ) -> None:
         self._upstream = upstream
@@ -133,17 +140,20 @@ class Forwarder:
         self._retry_on_401 = fwd.retry_on_401
         self._replay_limit = fwd.replay_buffer_bytes if fwd.retry_on_401 else 0
         self._max_body = fwd.max_body_bytes
+        self._body_timeout = settings.upstream.read_timeout
         self._access_log = access_log
         # request ids: unique, not secret; a random per-process prefix and a counter cost far
         # less than 16 random bytes a request
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
 
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):016x}"
+
     async def __call__(self, request: Request) -> None:
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-ID")
-        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = f"{self._id_prefix}{next(self._ids):016x}"
+        sent_id = request.get(b"x-request-id")
+        request_id = sent_id.decode("ascii") if sent_id and _REQUEST_ID.fullmatch(sent_id) else self._new_id()
         outcome = _Outcome()
         self._stats.in_flight += 1
         try:
@@ -155,11 +165,14 @@ class Forwarder:
                 else:
                     send_error(request, exc, request_id)
                 outcome.status = exc.status
+            except wire.ClientGone:
+                outcome.status = CLIENT_CLOSED  # gone while its body or answer was on the way
+                request.abort()
         except asyncio.CancelledError:
             outcome.status = CLIENT_CLOSED
             raise
         except Exception:
-            outcome.status = 500  # a bug: the listener logs it and cuts the connection
+            outcome.status = 500  # a bug: the listener logs it and answers 500 or cuts
             raise
         finally:
             self._stats.in_flight -= 1
@@ -171,24 +184,30 @@ class Forwarder:
                     (time.perf_counter() - started) * 1000, outcome.replayed, request_id,
                 )
 
-    def refuse(self, request: Request, exc: HttpProcessingError) -> None:
-        """A request the parser could not read: 400, and the connection closes. The bytes it
-        came with are not logged (they may hold a header value)."""
-        request_id = f"{self._id_prefix}{next(self._ids):016x}"
-        log.info("malformed_request", error=type(exc).__name__, request_id=request_id)
-        self._stats.count_response("other", 400)
-        send_error(request, BadRequest("the request is not valid HTTP/1.1"), request_id)
+    def refuse(self, request: Request, kind: str) -> None:
+        """A request the listener could not read: 400 (431 for an oversized head), and the
+        connection closes. The bytes it came with are not logged (they may hold a secret)."""
+        request_id = self._new_id()
+        log.info("malformed_request", error=kind, request_id=request_id)
+        error: ProxyError = (HeadersTooLarge("the request line, headers and trailers are over limits.max_header_bytes")
+                             if kind == "headers_too_large" else BadRequest("the request is not valid HTTP/1.1"))
+        self._stats.count_response("other", error.status)
+        send_error(request, error, request_id)
+
+    def fail(self, request: Request, exc: Exception) -> None:
+        """A bug while answering (logged as request_failed by the listener): 500."""
+        send_error(request, InternalError("the proxy failed to handle this request"), self._new_id())
 
     # --- the steps --------------------------------------------------------------------
 
     async def _forward(self, request: Request, request_id: str, outcome: _Outcome) -> None:
         target = self._admit(request)
-        body = await self._read_body(request) if request.body_exists else _NO_BODY
+        body = await self._read_body(request) if request.body is not None else _NO_BODY
         token = await self._tokens.get()
         upstream = await self._send(request, target, token, body, request_id)
         try:
             outcome.upstream_status = upstream.status
-            if upstream.status == 401 and blames_token(upstream.headers.get("WWW-Authenticate")):
+            if upstream.status == 401 and blames_token(upstream.get(b"www-authenticate")):
                 self._tokens.invalidate(token)
                 if self._retry_on_401 and body.replayable:
                     await _discard(upstream)
@@ -209,16 +228,17 @@ class Forwarder:
     def _admit(self, request: Request) -> str:
         """The request target to forward, once the request passes every rule."""
         target = request.target
-        if request.method == "CONNECT" or not target.startswith("/") and "://" in target:
-            # the proxy only ever talks to upstream.url (SPEC: Forwarding)
-            raise MethodNotAllowed("the proxy forwards origin-form requests only; no CONNECT")
-        if request.version < HTTP_10:
+        if request.method in REFUSED_METHODS or not target.startswith("/") and "://" in target:
+            # the proxy only ever talks to upstream.url, and never echoes a token (SPEC: Forwarding)
+            raise MethodNotAllowed(f"the proxy does not forward {request.method} requests"
+                                   if request.method in REFUSED_METHODS else "the proxy forwards origin-form requests only")
+        if request.version != HTTP_11 and request.version != HTTP_10:
             # HTTP/0.9 has no headers: no way to carry a request id or a body length
-            raise BadRequest("HTTP/1.0 or later is required")
+            raise BadRequest("HTTP/1.0 or HTTP/1.1 is required")
         if self._allowed_clients and not self._client_allowed(request.remote):
             raise ClientNotAllowed("this address may not use the proxy")
         if self._inbound_token is not None:
-            sent = request.headers.get("X-Proxy-Token", "").encode("utf-8", "surrogateescape")
+            sent = request.get(b"x-proxy-token") or b""
             if not hmac.compare_digest(sent, self._inbound_token):
                 raise ClientNotAllowed("missing or wrong X-Proxy-Token")
         path = target.partition("?")[0]
@@ -237,41 +257,43 @@ class Forwarder:
         return any(addr in net for net in self._allowed_clients)
 
     async def _read_body(self, request: Request) -> _Body:
+        content = request.body
+        assert content is not None
         body = _Body()
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
-        if request.version >= HTTP_11 and request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version == HTTP_11 and (request.get(b"expect") or b"").lower() == b"100-continue":
             # the client holds its body back until told to go on (RFC 9110 §10.1.1); .NET's
             # HttpWebRequest does this for every POST. Said only once the request is admitted.
             request.send_continue()
-        content = request.content
-        if length is not None and length <= self._replay_limit:
-            # most bodies came in with the headers: no need to wait for them
-            body.data = content.read_nowait(-1) if content.is_eof() else await content.read()
-            return body
-        prefix = bytearray()
-        if length is None:  # chunked: keep what fits in the replay buffer, stream the rest
-            while len(prefix) <= self._replay_limit:
-                chunk = await content.readany()
-                if not chunk:
-                    body.data = bytes(prefix)
-                    return body
-                prefix += chunk
-                if len(prefix) > self._max_body:
-                    raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
+        try:
+            if length is not None and length <= self._replay_limit:
+                # most bodies came in with the headers: no need to wait for them
+                body.data = content.read_nowait() if content.complete else await content.read_all()
+                return body
+            prefix = bytearray()
+            if length is None:  # chunked: keep what fits in the replay buffer, stream the rest
+                while len(prefix) <= self._replay_limit:
+                    chunk = await content.read_chunk()
+                    if not chunk:
+                        body.data = bytes(prefix)
+                        return body
+                    prefix += chunk
+                    if len(prefix) > self._max_body:
+                        raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
+        except wire.BodyTimeout as exc:
+            raise RequestTimeout(f"no byte of the request body for {self._body_timeout:g} s") from exc
         body.replayable = False
         body.length = length
         body.data = self._stream_body(content, bytes(prefix), body)
         return body
 
-    async def _stream_body(
-        self, content: StreamReader, prefix: bytes, body: _Body
-    ) -> AsyncIterator[bytes]:
+    async def _stream_body(self, content: Body, prefix: bytes, body: _Body) -> AsyncIterator[bytes]:
         total = len(prefix)
         if prefix:
             yield prefix
-        async for chunk in content.iter_any():
+        while chunk := await content.read_chunk():
             total += len(chunk)
             if total > self._max_body:
                 # cut at the limit: the upstream request is aborted, the client gets 413
@@ -279,46 +301,52 @@ class Forwarder:
                 raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
             yield chunk
 
-    async def _send(
-        self, request: Request, target: str, token: Token, body: _Body, request_id: str
-    ) -> Exchange:
-        headers = upstream_request_head(request.raw_headers, authorization=token.header, request_id=request_id.encode())
+    async def _send(self, request: Request, target: str, token: Token, body: _Body, request_id: str) -> Response:
+        headers = upstream_request_headers(request.headers, authorization=token.header, request_id=request_id.encode())
         started = time.perf_counter()
         try:
             # redirects are never followed: they go back to the client, the token stays here
-            response = await self._upstream.send(request.method, target, headers, body.data, body.length)
-        except Exception as exc:
+            return await self._upstream.send(request.method, target, headers, body.data, body.length)
+        except (BodyTooLarge, wire.ClientGone):
+            raise
+        except wire.WireError as exc:
             if body.too_large:
                 raise BodyTooLarge(f"the request body is over {self._max_body} bytes") from exc
-            raise _upstream_error(exc) from exc
+            raise _wire_error(exc, self._body_timeout) from exc
         finally:
             self._stats.observe_upstream(time.perf_counter() - started)
-        return response
 
-    def _answer_whole(self, request: Request, upstream: Exchange, request_id: str, replayed: bool) -> bool:
+    def _answer_whole(self, request: Request, upstream: Response, request_id: str, replayed: bool) -> bool:
         """When the whole body came in with the headers (most partner API answers): status,
         headers and body in one write, and True. A chunked answer becomes a sized one."""
-        content = upstream.content
-        if not content.is_eof() or request.method == "HEAD" or upstream.status in NO_BODY:
+        content = upstream.body
+        if content is None or not content.complete or request.method == "HEAD":
             return False
-        body = content.read_nowait(-1)
+        data = content.read_nowait()
         upstream.release()
-        request.respond(upstream.status, upstream.reason, self._response_head(upstream, request_id, replayed), body,
-                        dated="Date" in upstream.headers)
+        request.respond(upstream.status, self._response_headers(upstream, request_id, replayed), data,
+                        reason=upstream.reason, dated=upstream.get(b"date") is not None)
         return True
 
-    async def _stream_back(self, request: Request, upstream: Exchange, request_id: str, replayed: bool) -> None:
-        content = upstream.content
+    async def _stream_back(self, request: Request, upstream: Response, request_id: str, replayed: bool) -> None:
+        content = upstream.body
+        headers = self._response_headers(upstream, request_id, replayed)
+        dated = upstream.get(b"date") is not None
+        if content is None:  # HEAD, 204, 304: the head says it all
+            length = upstream.content_length if upstream.status not in NO_BODY else None
+            upstream.release()
+            request.start(upstream.status, headers, length, reason=upstream.reason, dated=dated)
+            request.end()
+            return
         try:
-            first = content.read_nowait(-1)  # what came with the headers goes out with them
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _upstream_error(exc) from exc
-        request.start(upstream.status, upstream.reason, self._response_head(upstream, request_id, replayed),
-                      upstream.content_length, first, dated="Date" in upstream.headers)
+            first = content.read_nowait()  # what came with the headers goes out with them
+        except wire.OriginError as exc:
+            raise _wire_error(exc, self._body_timeout) from exc
+        request.start(upstream.status, headers, upstream.content_length, first, reason=upstream.reason, dated=dated)
         try:
-            async for chunk in content.iter_any():
+            while chunk := await content.read_chunk():
                 await request.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except wire.OriginError as exc:
             # the upstream failed mid-body: abort so the client cannot take a short body
             # for a whole one (a clean end would look complete for a chunked response)
             log.warning("upstream_aborted", error=type(exc).__name__, request_id=request_id)
@@ -329,30 +357,33 @@ class Forwarder:
         request.end()
 
     @staticmethod
-    def _response_head(upstream: Exchange, request_id: str, replayed: bool) -> bytes:
-        headers = client_response_head(upstream.raw_headers, request_id=request_id.encode())
-        return headers + RETRIED_LINE if replayed else headers
+    def _response_headers(upstream: Response, request_id: str, replayed: bool) -> list[tuple[bytes, bytes]]:
+        headers = client_response_headers(upstream.headers, request_id=request_id.encode())
+        if replayed:
+            headers.append(RETRIED)
+        return headers
 
 
-async def _discard(response: Exchange) -> None:
+async def _discard(response: Response) -> None:
     """Finish with an answer nobody will see; a small body is read so the connection is kept."""
     length = response.content_length
-    if length is not None and length <= DISCARD_READ_LIMIT:
-        try:
-            await response.content.read()
-        except (aiohttp.ClientError, TimeoutError):
-            pass
+    if response.body is None or (length is not None and length <= DISCARD_READ_LIMIT):
+        if response.body is not None:
+            try:
+                await response.body.read_all()
+            except wire.OriginError:
+                pass
         response.release()
     else:
         response.close()
 
 
-def _upstream_error(exc: BaseException) -> ProxyError:
-    """The one place that turns a client-side failure into the proxy's error."""
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+def _wire_error(exc: wire.WireError, body_timeout: float) -> ProxyError:
+    """The one place that turns a failure on the wire into the proxy's error."""
+    if isinstance(exc, wire.BodyTimeout):
+        return RequestTimeout(f"no byte of the request body for {body_timeout:g} s")
+    if isinstance(exc, wire.OriginTimeout):
         return UpstreamTimeout("the partner API did not answer in time")
-    if isinstance(exc, ConnectFailed):
+    if isinstance(exc, wire.ConnectFailed):
         return UpstreamUnreachable("cannot connect to the partner API")
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return UpstreamUnreachable("the connection to the partner API failed")
-    return UpstreamUnreachable(f"the request to the partner API failed ({type(exc).__name__})")
+    return UpstreamUnreachable("the connection to the partner API failed")

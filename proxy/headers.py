@@ -4,8 +4,8 @@ Order, after Go's httputil.ReverseProxy: strip hop-by-hop headers (the fixed lis
 header the `Connection` header names), remove what the client sent for auth, then set the
 bearer token last, so nothing the client sends can replace it.
 
-They work on the parser's raw (name, value) byte pairs and give the header lines ready to
-send: names and values pass byte for byte, and no header multidict is built per request.
+They work on name/value byte pairs as the parser gave them and give pairs for the writer:
+names and values pass byte for byte, and no header multidict is built per request.
 """
 
 from __future__ import annotations
@@ -46,9 +46,8 @@ _FRAMING = frozenset({"content-length"})
 
 _REQUEST_DROP = frozenset(n.encode() for n in HOP_BY_HOP | CLIENT_CREDENTIALS | REQUEST_OWN | _FRAMING)
 _RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP | PROXY_SIGNALS | _FRAMING | {"x-request-id"})
-
-#: headers as the parser saw them: (name, value) byte pairs, in order, repeats kept
-RawHeaders = Sequence[tuple[bytes, bytes]]
+#: headers as name/value byte pairs, in order, repeats kept
+Headers = Sequence[tuple[bytes, bytes]]
 
 
 def connection_named(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -62,9 +61,9 @@ def connection_named(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def _shape(raw: RawHeaders, drop: frozenset[bytes]) -> list[bytes]:
-    """`Name: value\r\n` lines for what passes, bytes as they came."""
-    lines: list[bytes] = []
+def _shape(raw: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """The pairs that pass, bytes as they came."""
+    kept: list[tuple[bytes, bytes]] = []
     named: list[bytes] = []
     for name, value in raw:
         low = name.lower()
@@ -72,26 +71,25 @@ def _shape(raw: RawHeaders, drop: frozenset[bytes]) -> list[bytes]:
             if low == b"connection":
                 named.append(value)
             continue
-        lines.append(b"%s: %s\r\n" % (name, value))
+        kept.append((name, value))
     if named:  # RFC 9110 §7.6.1: what Connection names is for this hop only
         hop = connection_named(named) - drop  # most name only keep-alive or close
         if hop:
-            lines = [line for line in lines if line.partition(b":")[0].lower() not in hop]
-    return lines
+            kept = [pair for pair in kept if pair[0].lower() not in hop]
+    return kept
 
 
-def upstream_request_head(raw: RawHeaders, *, authorization: bytes, request_id: bytes) -> bytes:
-    """Header lines for the request to the partner API (no Host, no framing: the client
-    adds those)."""
-    lines = _shape(raw, _REQUEST_DROP)
-    lines.append(b"X-Request-ID: %s\r\n" % request_id)
-    lines.append(b"Authorization: %s\r\n" % authorization)  # last: nothing the client sent can replace it
-    return b"".join(lines)
+def upstream_request_headers(raw: Headers, *, authorization: bytes, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """Headers for the request to the partner API (no Host, no framing: the pool adds those)."""
+    headers = _shape(raw, _REQUEST_DROP)
+    headers.append((b"X-Request-ID", request_id))
+    headers.append((b"Authorization", authorization))  # last: nothing the client sent can replace it
+    return headers
 
 
-def client_response_head(raw: RawHeaders, *, request_id: bytes) -> bytes:
-    """Header lines for the answer to the app (no framing: the writer sets it).
-    Content-Encoding and everything else end-to-end pass untouched."""
-    lines = _shape(raw, _RESPONSE_DROP)
-    lines.append(b"X-Request-ID: %s\r\n" % request_id)
-    return b"".join(lines)
+def client_response_headers(raw: Headers, *, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """Headers for the answer to the app (no framing: the writer sets it). Content-Encoding
+    and everything else end-to-end pass untouched; trailers never get here."""
+    headers = _shape(raw, _RESPONSE_DROP)
+    headers.append((b"X-Request-ID", request_id))
+    return headers

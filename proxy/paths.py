@@ -2,8 +2,10 @@
 
 The path is judged as the partner API will understand it, not as it was spelled: %-decoded
 (%2F and %5C too, repeatedly, so a double-encoded `%252e%252e` cannot hide a dot segment),
-backslashes read as slashes, dot segments removed (RFC 3986 §5.2.4). The request itself is
-forwarded as received; only the verdict uses the normal form.
+backslashes read as slashes, dot segments removed (RFC 3986 §5.2.4). Servers that drop
+`;params` from each segment before resolving dot segments (Tomcat, Jetty, Spring) read
+`/a/..;/b` as `/b`, so the path is judged that way too, and must pass both ways. The request
+itself is forwarded as received; only the verdict uses the normal forms.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _MAX_ROUNDS = 4
 
 
+_PARAMS = re.compile(r";[^/]*")
+
+
 def normalise(raw_path: str) -> str:
     """The path as judged; raises BadRequest when it cannot be decoded."""
-    if "%" not in raw_path and "\\" not in raw_path and "/." not in raw_path and "\x00" not in raw_path:
-        return raw_path  # nothing to decode and no dot segment: already normal (most requests)
+    return remove_dot_segments(decode(raw_path))
+
+
+def decode(raw_path: str) -> str:
+    """%-decoded to UTF-8 (repeatedly), backslashes as slashes; dot segments still in."""
     if _BAD_ESCAPE.search(raw_path):
         raise BadRequest("the request path has a malformed %-escape")
     path = raw_path
@@ -38,7 +46,7 @@ def normalise(raw_path: str) -> str:
             raise BadRequest("the request path is encoded too many times")
     if "\x00" in path:
         raise BadRequest("the request path contains NUL")
-    return remove_dot_segments(path.replace("\\", "/"))
+    return path.replace("\\", "/")
 
 
 def remove_dot_segments(path: str) -> str:
@@ -58,8 +66,15 @@ def remove_dot_segments(path: str) -> str:
 
 
 def check(raw_path: str, allowed: tuple[str, ...]) -> str:
-    """The normalised path if `allowed` admits it; raises PathNotAllowed or BadRequest."""
-    path = normalise(raw_path)
-    if allowed and not path.startswith(allowed):
+    """The normalised path if `allowed` admits it, read with and without `;params`; raises
+    PathNotAllowed or BadRequest."""
+    if "%" not in raw_path and "\\" not in raw_path and "/." not in raw_path and ";" not in raw_path:
+        path = raw_path  # nothing to decode, no dot segment, no params: already normal (most requests)
+        if allowed and not path.startswith(allowed):
+            raise PathNotAllowed("this path is outside the paths the proxy forwards")
+        return path
+    decoded = decode(raw_path)
+    path = remove_dot_segments(decoded)
+    if allowed and not (path.startswith(allowed) and remove_dot_segments(_PARAMS.sub("", decoded)).startswith(allowed)):
         raise PathNotAllowed("this path is outside the paths the proxy forwards")
     return path

@@ -1,0 +1,258 @@
+"""One keep-alive connection to the origin, on httptools' response parser (llhttp).
+
+The parser cannot be told that a response answers HEAD, and has no end-of-input call: so
+a head is fed up to its end and no further (a HEAD's answer then ends there, and the
+parser is replaced for the next exchange), and a body with neither length nor chunks ends
+when the connection closes cleanly.
+
+Invariants:
+- one exchange at a time; bytes nobody asked for, or a head over MAX_RESPONSE_HEAD, make
+  the connection unusable (`should_close`) and fail the exchange with BadResponse;
+- trailers are dropped: they never become headers of this response or of the next;
+- interim answers (1xx but 101) are skipped; 101 is an error, since no upgrade was asked;
+- from `start_timeout()` until the response has ended, `read_timeout` without a byte from
+  the origin fails the exchange with ReadTimeout, unless the proxy itself paused reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import enum
+
+import httptools
+
+from proxy.wire.errors import BadResponse, Disconnected, OriginError, ReadTimeout
+from proxy.wire.http import HEAD_END, MAX_RESPONSE_HEAD, NO_BODY, Headers
+from proxy.wire.stream import Body, Drain
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # no exchange: any byte is one nobody asked for
+    HEAD = "head"  # waiting for the response's head
+    BODY = "body"  # the body is coming in
+    DONE = "done"  # the response has ended
+
+
+class Answer:
+    """A response's head as parsed: status, reason, headers, body (None for none), and
+    whether the origin keeps the connection open after it."""
+
+    __slots__ = ("status", "reason", "headers", "body", "keep_alive")
+
+    def __init__(self, status: int, reason: bytes, headers: Headers, body: Body | None, keep_alive: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+class OriginConnection(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self.transport: asyncio.Transport | None = None
+        self.drain = Drain(loop)
+        self.should_close = False
+        self.phase = Phase.IDLE
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = False  # the request was HEAD
+        self._answer: asyncio.Future[Answer] | None = None
+        self._body: Body | None = None
+        self._until_close = False  # the body ends when the connection does
+        self._tail = b""
+        self._head_size = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._paused = False
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timing = False
+
+    def is_connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.should_close = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.should_close = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- one exchange -----------------------------------------------------------------------
+
+    def expect(self, method: str) -> asyncio.Future[Answer]:
+        """Before a request is written: the future of its response's head."""
+        self._head_only = method == "HEAD"
+        self.phase = Phase.HEAD
+        self._tail = b""
+        self._body = None
+        self._answer = self._loop.create_future()
+        return self._answer
+
+    @property
+    def finished(self) -> bool:
+        """The response was read to its end."""
+        return self.phase is Phase.DONE
+
+    def start_timeout(self) -> None:
+        """The request is sent: from now on, `read_timeout` without a byte is a failure."""
+        self._last_read = self._loop.time()
+        self._timing = True
+        if self._timer is None and self._read_timeout:
+            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+
+    def fail(self, exc: BaseException) -> None:
+        """The exchange failed: whoever waits for the answer or its body hears why."""
+        self.should_close = True
+        self._timing = False
+        answer = self._answer
+        if answer is not None and not answer.done():
+            answer.set_exception(exc)
+        if self._body is not None:
+            self._body.fail(exc)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._timing or self.transport is None or self.phase not in (Phase.HEAD, Phase.BODY):
+            self._timing = False
+            return
+        now = self._loop.time()
+        if self._paused:  # the app reads slowly: not the origin's silence
+            self._last_read = now
+        elif now - self._last_read >= self._read_timeout:
+            self.fail(ReadTimeout(f"no byte from the origin for {self._read_timeout:g} s"))
+            self.close()
+            return
+        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        try:
+            while data:
+                if self.phase is Phase.HEAD:
+                    # fed up to the head's end and no further: a HEAD's answer ends there
+                    probe = self._tail + data
+                    end = probe.find(HEAD_END)
+                    cut = len(data) if end < 0 else end + 4 - len(self._tail)
+                    piece, data = data[:cut], data[cut:]
+                    stop = len(probe) if end < 0 else end + 4
+                    self._tail = probe[max(0, stop - 3):stop]
+                    self._head_size += len(piece)
+                    if self._head_size > MAX_RESPONSE_HEAD:
+                        raise BadResponse(f"the response head is over {MAX_RESPONSE_HEAD} bytes")
+                    self._parser.feed_data(piece)
+                    if self.phase is Phase.DONE and self._head_only:
+                        self._parser = httptools.HttpResponseParser(self)
+                elif self.phase is Phase.BODY:
+                    self._parser.feed_data(data)
+                    data = b""
+                else:
+                    raise BadResponse("bytes from the origin that answer no request")
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._broken(cause if isinstance(cause, OriginError) else BadResponse("the response is not valid HTTP/1.1"))
+        except httptools.HttpParserError:
+            self._broken(BadResponse("the response is not valid HTTP/1.1"))
+        except OriginError as exc:
+            self._broken(exc)
+
+    def _broken(self, exc: OriginError) -> None:
+        self.fail(exc)
+        self.close()
+
+    def pause_writing(self) -> None:
+        self.drain.pause()
+
+    def resume_writing(self) -> None:
+        self.drain.resume()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.should_close = True
+        self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if exc is None and self.phase is Phase.BODY and self._until_close and self._body is not None:
+            self._body.end()  # a body with neither length nor chunks ends at a clean close
+            self.phase = Phase.DONE
+        error = Disconnected("the origin closed the connection" if exc is None else
+                             f"the connection to the origin failed: {exc}", reset=isinstance(exc, OSError))
+        self.drain.lost(error)
+        if self.phase in (Phase.HEAD, Phase.BODY):
+            self.fail(error)
+
+    # --- parser callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.phase is not Phase.HEAD:
+            raise BadResponse("bytes from the origin that answer no request")
+        self._reason = b""
+        self._headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.phase is Phase.HEAD:
+            self._headers.append((name, value))
+        # else a trailer: dropped, so that it never becomes a header of any message
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise BadResponse("the origin switched protocols, which no request asked for")
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        self._head_size = 0
+        keep_alive = parser.should_keep_alive()
+        headers = self._headers
+        body = None
+        if not self._head_only and status not in NO_BODY:
+            body = self._body = Body(self._loop, self._pause, self._resume)
+            self._until_close = not any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
+            self.phase = Phase.BODY
+        else:
+            self.phase = Phase.DONE
+            self._timing = False
+        if not keep_alive:
+            self.should_close = True
+        answer = self._answer
+        if answer is not None and not answer.done():
+            answer.set_result(Answer(status, self._reason, headers, body, keep_alive))
+
+    def on_body(self, data: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self.phase is Phase.HEAD:
+            self._head_size = 0
+            return  # an interim answer ended
+        if self._body is not None:
+            self._body.end()
+        self.phase = Phase.DONE
+        self._timing = False
+
+    # --- reading pauses ---------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._last_read = self._loop.time()
+        if self.transport is not None:
+            self.transport.resume_reading()

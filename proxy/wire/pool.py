@@ -1,0 +1,286 @@
+"""A keep-alive pool of connections to the one origin the proxy talks to.
+
+`Pool.send()` writes a request (headers as name/value pairs; Host and framing set here) and
+returns a `Response` once its head is in, or raises one of `proxy.wire.errors`' OriginErrors
+(or what the request body's own reader raised, such as BodyTimeout).
+
+Invariants:
+- at most `limit` connections are in use; further requests wait for one, first come first
+  served, and one that gives up waiting takes no slot with it;
+- a connection goes back to the pool only after its response was read to the end, the
+  request body was written whole, and neither side asked to close; anything else is closed;
+- a body write that the origin does not take for `read_timeout` fails with WriteTimeout;
+- a request whose pooled connection turns out to be closed by the origin before any answer
+  (a keep-alive race) is sent again once, on a new connection, if its body can be re-sent
+  (after a reset rather than a clean close, only if its method is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+from proxy.wire.errors import ConnectFailed, ConnectTimeout, Disconnected, WriteTimeout
+from proxy.wire.http import IDEMPOTENT, Headers, content_length, find, render
+from proxy.wire.origin import Answer, OriginConnection
+from proxy.wire.stream import Body
+
+#: seconds an idle connection is kept (origins commonly close theirs after 60-75 s)
+KEEPALIVE_TIMEOUT = 15.0
+
+RequestBody = bytes | AsyncIterator[bytes] | None
+
+
+class Response:
+    """One response: status, reason, headers (pairs, as received, no trailers) and the body
+    as a stream (None when it has none). `release()` or `close()` when done with it."""
+
+    __slots__ = ("status", "reason", "headers", "body", "_pool", "_proto", "_keep", "_done", "_writer")
+
+    def __init__(self, pool: Pool, proto: OriginConnection, answer: Answer, writer: asyncio.Task[None] | None) -> None:
+        self.status = answer.status
+        self.reason = answer.reason
+        self.headers = answer.headers
+        self.body: Body | None = answer.body
+        self._pool = pool
+        self._proto = proto
+        self._keep = answer.keep_alive
+        self._done = False
+        self._writer = writer
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower case)."""
+        return find(self.headers, name)
+
+    @property
+    def content_length(self) -> int | None:
+        return content_length(self.get(b"content-length"))
+
+    def release(self) -> None:
+        """Done with the response: the connection is kept if it was read to the end."""
+        if self._done:
+            return
+        self._done = True
+        reusable = self._keep and self._proto.finished and self._writer_done()
+        self._pool._give_back(self._proto, reusable)
+
+    def close(self) -> None:
+        """Done, and the connection is not to be reused (the answer was not read to the end)."""
+        if self._done:
+            return
+        self._done = True
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        self._pool._give_back(self._proto, False)
+
+    def _writer_done(self) -> bool:
+        return self._writer is None or (self._writer.done() and not self._writer.cancelled()
+                                        and self._writer.exception() is None)
+
+
+class Pool:
+    def __init__(self, url: str, *, tls: ssl.SSLContext | bool, limit: int,
+                 connect_timeout: float, read_timeout: float) -> None:
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        default_port = (parts.scheme == "https" and self._port == 443) or (parts.scheme == "http" and self._port == 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self.host_header = host if default_port else f"{host}:{self._port}"
+        self._host_line = self.host_header.encode()
+        self._base_path = parts.path.rstrip("/").encode()  # upstream.url's base path, kept before every target
+        self._ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._ssl = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
+            if tls is False:
+                self._ssl.check_hostname = False
+                self._ssl.verify_mode = ssl.CERT_NONE
+        # connection slots: a counter, and the requests waiting for one in arrival order
+        # (asyncio.Semaphore costs a coroutine and a scan of its waiters on every acquire)
+        self._limit = limit
+        self._in_use = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._idle: deque[tuple[OriginConnection, float]] = deque()
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._closed = False
+
+    # --- connections --------------------------------------------------------------------
+
+    async def _connect(self) -> OriginConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                transport, proto = await loop.create_connection(
+                    lambda: OriginConnection(loop, self._read_timeout), self._host, self._port,
+                    ssl=self._ssl, server_hostname=self._host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection to {self.host_header} within {self._connect_timeout:g} s") from None
+        except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
+            raise ConnectFailed(f"cannot connect to {self.host_header}: {exc.strerror or exc}") from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return proto
+
+    def _take_idle(self) -> OriginConnection | None:
+        now = time.monotonic()
+        while self._idle:
+            proto, since = self._idle.pop()
+            if now - since < KEEPALIVE_TIMEOUT and proto.is_connected() and not proto.should_close:
+                return proto
+            proto.close()
+        return None
+
+    def _give_back(self, proto: OriginConnection, reusable: bool) -> None:
+        if reusable and not self._closed and proto.is_connected() and not proto.should_close:
+            self._idle.append((proto, time.monotonic()))
+        else:
+            proto.close()
+        self._release_slot()
+
+    async def _wait_for_slot(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter  # a slot is handed over by _release_slot
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over as we were cancelled: pass it on
+            raise
+
+    def _release_slot(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the next in line
+                return
+        self._in_use -= 1
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop()[0].close()
+
+    # --- one request --------------------------------------------------------------------
+
+    async def send(self, method: str, target: str, headers: Headers, body: RequestBody,
+                   length: int | None = None) -> Response:
+        """Send a request and return its response once the status line and headers are in.
+        `headers` carry neither Host nor framing: both are set here, from the body (a
+        streamed one goes with `length` when it is known, else chunked)."""
+        chunked = body is not None and not isinstance(body, bytes) and length is None
+        head = self._head(method, target, headers, body, length, chunked)
+        if self._in_use < self._limit and not self._waiting:
+            self._in_use += 1
+        else:
+            await self._wait_for_slot()
+        try:
+            proto = self._take_idle()
+            reused = proto is not None
+            if proto is None:
+                proto = await self._connect()
+            try:
+                return await self._exchange(proto, method, head, body, chunked)
+            except Disconnected as exc:
+                # The origin closed a pooled connection as we reused it, before any answer: once
+                # more, on a new one. A clean close means it never took the request; a reset
+                # may come after it did, so only idempotent methods are sent again then
+                # (as Go's http.Transport does).
+                if not reused or not (body is None or isinstance(body, bytes)):
+                    raise
+                if exc.reset and method not in IDEMPOTENT:
+                    raise
+                proto = await self._connect()
+                return await self._exchange(proto, method, head, body, chunked)
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _head(self, method: str, target: str, headers: Headers, body: RequestBody, length: int | None,
+              chunked: bool) -> bytes:
+        if isinstance(body, bytes):
+            framing = b"Content-Length: %d\r\n" % len(body)
+        elif chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif body is not None and length is not None:
+            framing = b"Content-Length: %d\r\n" % length
+        elif method in ("POST", "PUT", "PATCH"):
+            framing = b"Content-Length: 0\r\n"  # RFC 9110 §8.6: a request that would carry content
+        else:
+            framing = b""
+        return b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+            method.encode("ascii"), self._base_path, target.encode("ascii", "surrogateescape"),
+            self._host_line, render(headers), framing,
+        )
+
+    async def _exchange(self, proto: OriginConnection, method: str, head: bytes, body: RequestBody,
+                        chunked: bool) -> Response:
+        transport = proto.transport
+        if transport is None or transport.is_closing():
+            raise Disconnected("the origin closed the connection")
+        answer = proto.expect(method)
+        writer: asyncio.Task[None] | None = None
+        try:
+            if body is None or isinstance(body, bytes):
+                transport.write(head + body if body else head)
+                proto.start_timeout()
+            else:
+                transport.write(head)
+                writer = asyncio.ensure_future(self._write_body(proto, body, chunked=chunked))
+                writer.add_done_callback(_retrieve)  # its failure is told through the protocol
+            result = await answer
+            if writer is not None and writer.done() and not writer.cancelled():
+                failure = writer.exception()
+                if failure is not None:
+                    raise failure
+        except BaseException:
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(BaseException):
+                    await writer
+            proto.close()
+            raise
+        return Response(self, proto, result, writer)
+
+    async def _write_body(self, proto: OriginConnection, body: AsyncIterator[bytes], *, chunked: bool) -> None:
+        transport = proto.transport
+        assert transport is not None
+        drain = proto.drain
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                if drain.paused:
+                    try:
+                        await drain.wait(self._read_timeout or None)
+                    except TimeoutError:
+                        raise WriteTimeout(
+                            f"the origin took no byte of the body for {self._read_timeout:g} s") from None
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            proto.start_timeout()
+        except BaseException as exc:
+            # the body failed (too large, the client left, a stall): the origin must not take
+            # a short body for a whole one, so the connection goes, and the reader hears why
+            proto.fail(exc if isinstance(exc, Exception) else Disconnected("the request body was aborted"))
+            proto.abort()
+            raise
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

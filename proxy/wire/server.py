@@ -1,0 +1,770 @@
+"""The server side: HTTP/1.1 on asyncio protocols and httptools' callback parser (llhttp).
+
+The parser is the judge of syntax; this module frames what it hands the parser, so that
+every request line reaches it whole and fixed (bytes 0x80-0xFF of the target
+percent-encoded), a body the parser will not frame (after `Connection: Upgrade`) is framed
+all the same, and the head's size is counted before it is buffered.
+
+Invariants:
+- requests on one connection are answered one at a time, in order (pipelined requests wait
+  in a short queue; reading pauses when it is full, or when a body's buffer is);
+- the bytes of a request are read as that request and nothing else: a body is framed by its
+  Content-Length or chunks, whatever `Upgrade` says; after a malformed request, or CONNECT,
+  nothing more is parsed;
+- trailers are counted against the head limit and dropped: they never become headers;
+- a response is either complete, or the connection is aborted;
+- a connection is kept only when both sides allow it, the request body came in to the end
+  and the response's length was known; else it closes after the response, lingering so the
+  client reads the answer rather than a reset;
+- a connection idle, or with a head unfinished, for `idle_timeout` is closed; a body with
+  no byte for `body_timeout`, or a response the client does not take for as long, ends;
+- when the client goes away, its FIN seen even while reading is paused, the handler working
+  for it is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Protocol, cast
+
+import httptools
+import structlog
+
+from proxy.wire.errors import ClientGone
+from proxy.wire.http import HEAD_END, HTTP_10, HTTP_11, NO_BODY, Headers, content_length, encode_target, render
+from proxy.wire.stream import Body, Drain
+
+log = structlog.get_logger("proxy.wire")
+
+#: pipelined requests held before reading from the client pauses
+MAX_PIPELINE = 16
+#: an unread request body up to this many bytes is read and dropped after the response, and
+#: the connection kept; past it, the connection closes once the rest has been drained
+DISCARD_LIMIT = 2**16
+#: seconds a closing connection keeps reading what the client still sends, so that it reads
+#: the answer rather than a reset (nginx's lingering close)
+LINGER = 2.0
+#: seconds between looks for a FIN from clients whose reading is paused
+FIN_CHECK = 1.0
+_TCP_CLOSE_WAIT = 8  # tcp_states.h: the peer has sent its FIN
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+#: what `malformed_request` reports; the proxy's own kinds, never the bytes
+MALFORMED = ("invalid_syntax", "invalid_method", "invalid_target", "invalid_framing", "headers_too_large")
+
+
+class Handler(Protocol):
+    """What the listener hands requests to."""
+
+    def __call__(self, request: Request) -> Awaitable[None]: ...
+    def refuse(self, request: Request, kind: str) -> None:
+        """Answer a request that could not be read (`kind` is one of MALFORMED)."""
+    def fail(self, request: Request, exc: Exception) -> None:
+        """Answer (500) for a bug in the handler; called only if nothing was sent yet."""
+
+
+class Malformed(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class Reading(enum.Enum):
+    """Where the connection's reader is in the byte stream."""
+
+    START = "start"  # the next byte begins a request line
+    HEAD = "head"  # the rest of a head (request line fed)
+    LENGTH = "length"  # a body of known length
+    CHUNKED = "chunked"  # a chunked body
+    STOPPED = "stopped"  # nothing more is parsed (malformed, CONNECT, closing)
+
+
+class State(enum.Enum):
+    """The connection as a whole."""
+
+    IDLE = "idle"  # no request being answered
+    ACTIVE = "active"  # a request is being answered
+    CLOSING = "closing"  # no request after the current one
+    CLOSED = "closed"
+
+
+class Request:
+    """One request as it came in, and the one way to answer it."""
+
+    __slots__ = ("method", "target", "version", "headers", "body", "remote", "keep_alive", "content_length",
+                 "_index", "_conn", "_started", "_done", "_chunked", "_continued")
+
+    def __init__(self, conn: Connection, method: str, target: str, version: str, headers: Headers,
+                 index: dict[bytes, bytes], body: Body | None, keep_alive: bool) -> None:
+        self.method = method
+        self.target = target  # as received, bytes 0x80-0xFF percent-encoded
+        self.version = version  # "1.0", "1.1"
+        self.headers = headers  # (name, value) bytes as received, in order; no trailers
+        self.body = body  # None when the request has none
+        self.remote = conn.remote
+        self.keep_alive = keep_alive
+        self.content_length = content_length(index.get(b"content-length"))
+        self._index = index
+        self._conn = conn
+        self._started = False
+        self._done = False
+        self._chunked = False
+        self._continued = False
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower case)."""
+        return self._index.get(name)
+
+    @property
+    def answered(self) -> bool:
+        """True once a response has started: from then on only `abort()` can signal a failure."""
+        return self._started
+
+    @property
+    def body_withheld(self) -> bool:
+        """The client waits for 100 Continue before it sends the body, and never got it."""
+        return (not self._continued and self.body is not None and not self.body.received
+                and self._index.get(b"expect", b"").lower() == b"100-continue")
+
+    # --- answering ------------------------------------------------------------------------
+
+    def send_continue(self) -> None:
+        """`100 Continue`: the client may send the body it held back (RFC 9110 §10.1.1)."""
+        self._continued = True
+        self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def respond(self, status: int, headers: Headers, body: bytes = b"", *, reason: bytes | None = None,
+                dated: bool = False) -> None:
+        """The whole response in one write. `headers` carry no framing: Content-Length is set
+        from `body`; Date too, unless `dated` (the headers have one)."""
+        bodiless = status in NO_BODY
+        head = self._head(status, reason, headers, None if bodiless else len(body), dated=dated)
+        self._conn.write(head if bodiless or self.method == "HEAD" or not body else head + body)
+        self._done = True
+
+    def start(self, status: int, headers: Headers, length: int | None, first: bytes = b"", *,
+              reason: bytes | None = None, dated: bool = False) -> None:
+        """Status line, headers, and `first`, the body bytes already at hand, in one write;
+        the rest follows with `write()` and `end()`. With no `length`, the body is chunked for
+        HTTP/1.1 clients and ends at close for HTTP/1.0."""
+        bodiless = self.method == "HEAD" or status in NO_BODY
+        if length is None and not bodiless:
+            if self.version == HTTP_11:
+                self._chunked = True
+            else:
+                self.keep_alive = False  # the body ends when the connection does
+        head = self._head(status, reason, headers, length, chunked=self._chunked, dated=dated)
+        if first and not bodiless:
+            head += b"%x\r\n%s\r\n" % (len(first), first) if self._chunked else first
+        self._conn.write(head)
+
+    async def write(self, chunk: bytes) -> None:
+        """More of the body. Raises ClientGone when the client is gone or takes no byte for
+        the body timeout (the connection is then cut)."""
+        if not chunk:
+            return
+        conn = self._conn
+        if self._chunked:
+            conn.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            conn.write(chunk)
+        if conn.drain.paused:
+            try:
+                await conn.drain.wait(conn.server.body_timeout)
+            except TimeoutError:
+                conn.abort()
+                raise ClientGone("the client took no byte of the answer in time") from None
+
+    def end(self) -> None:
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+        self._done = True
+
+    def abort(self) -> None:
+        """Cut the connection: the client sees the response fail, not end."""
+        self.keep_alive = False
+        self._conn.abort()
+
+    def _head(self, status: int, reason: bytes | None, headers: Headers, length: int | None, *,
+              chunked: bool = False, dated: bool = False) -> bytes:
+        self._started = True
+        conn = self._conn
+        if conn.state is not State.ACTIVE or not conn.reading_on:
+            self.keep_alive = False
+        elif self.body_withheld:
+            # answered before the body it held back: it will not come, so the connection
+            # cannot be reused, and the client is told so (RFC 9110 §10.1.1)
+            self.keep_alive = False
+        if chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif length is not None:
+            framing = b"Content-Length: %d\r\n" % length
+        else:
+            framing = b""
+        if not self.keep_alive:
+            framing += b"Connection: close\r\n"
+        elif self.version == HTTP_10:
+            framing += b"Connection: keep-alive\r\n"
+        # a response forwarded without a Date gets one (RFC 9110 §6.6.1)
+        date = b"" if dated else conn.server.date_line()
+        if reason is None:
+            reason = _PHRASES.get(status, b"Unknown")
+        return b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (status, reason, render(headers), date, framing)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: frames and parses requests, hands them to the handler in order."""
+
+    def __init__(self, server: Listener) -> None:
+        self.server = server
+        self._loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.state = State.IDLE
+        self.drain = Drain(self._loop)
+        self._parser = httptools.HttpRequestParser(self)
+        self._reading = Reading.START
+        self._line = b""  # the start of a request line not yet whole
+        self._tail = b""  # the last bytes of the head fed so far (its end may straddle reads)
+        self._head_size = 0
+        self._remaining = 0  # of a body of known length
+        self._quiet = 0  # chunked-body bytes fed since the last body byte: sizes, extensions, trailers
+        self._done = False  # the parser finished a message
+        self._synthetic = False  # the parser is fed a made-up head to frame an upgrade request's body
+        # the message being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._index: dict[bytes, bytes] = {}
+        self._body: Body | None = None
+        self._upgrade_framing: tuple[Reading, int] | None = None
+        self._last = False  # no request may follow the one being parsed
+        # answering
+        self._queue: deque[Request | Malformed] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._request: Request | None = None
+        self._pauses = 0  # why reading is paused: _QUEUE_FULL | _BODY_FULL
+        self._idle: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # None while a request is being answered
+
+    @property
+    def reading_on(self) -> bool:
+        """More requests may follow on this connection."""
+        return self._reading is not Reading.STOPPED
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        try:
+            peer = transport.get_extra_info("peername")
+            self.remote = peer[0] if isinstance(peer, tuple) else None
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.server.connections.add(self)
+            self._idle_since = self._loop.time()
+            self._idle = self._loop.call_at(self._idle_since + self.server.idle_timeout, self._on_idle)
+            self._task = self._loop.create_task(self._serve())
+        except Exception as exc:  # a bug, or a socket gone already: this connection only
+            log.error("request_failed", error=type(exc).__name__, stage="connection_made")
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading is Reading.STOPPED:
+            return
+        try:
+            self._frame(data)
+        except Malformed as exc:
+            self._malformed(exc.kind)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._malformed(cause.kind if isinstance(cause, Malformed) else "invalid_syntax")
+        except httptools.HttpParserInvalidMethodError:
+            self._malformed("invalid_method")
+        except httptools.HttpParserInvalidURLError:
+            self._malformed("invalid_target")
+        except httptools.HttpParserError:
+            self._malformed("invalid_syntax")
+
+    def eof_received(self) -> bool:
+        # A client's FIN: it is gone, and whatever works for it is cancelled, as nginx takes it
+        # ("client prematurely closed connection"); a half-closed request is rare, a client
+        # that gave up is not, and its place in the upstream queue must come back.
+        return False
+
+    def pause_writing(self) -> None:
+        self.drain.pause()
+
+    def resume_writing(self) -> None:
+        self.drain.resume()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.state = State.CLOSED
+        self.transport = None
+        self.server.connections.discard(self)
+        self.server.paused.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        gone = ClientGone("the client went away")
+        self.drain.lost(gone)
+        for item in self._queue:
+            if isinstance(item, Request) and item.body is not None:
+                item.body.fail(gone)
+        if self._request is not None and self._request.body is not None:
+            self._request.body.fail(gone)
+        if self._body is not None:
+            self._body.fail(gone)
+        if self._task is not None and self._request is not None:
+            self._task.cancel()  # whatever the handler waits for, nobody will read its answer
+        self._wake()
+
+    # --- framing: what the parser is fed, and when ------------------------------------------
+
+    def _frame(self, data: bytes) -> None:
+        """Feed `data` to the parser in pieces that never cross the start of a request line,
+        the end of a head or the end of a body of known length."""
+        limit = self.server.max_head
+        while data:
+            reading = self._reading
+            if reading is Reading.START:
+                if self._line:
+                    data, self._line = self._line + data, b""
+                while data[:2] == b"\r\n":  # empty lines before a request line (RFC 9112 §2.2)
+                    data = data[2:]
+                end = data.find(b"\n")
+                if end < 0:
+                    if len(data) > limit:
+                        raise Malformed("headers_too_large")
+                    self._line = data
+                    return
+                line, data = data[:end + 1], data[end + 1:]
+                if not line.isascii():
+                    line = encode_target(line)
+                self._head_size = len(line)
+                if self._head_size > limit:
+                    raise Malformed("headers_too_large")
+                self._tail = line[-2:]
+                self._reading = Reading.HEAD
+                self._parser.feed_data(line)
+                continue
+            if reading is Reading.LENGTH:
+                piece, data = data[:self._remaining], data[self._remaining:]
+                self._remaining -= len(piece)
+                self._parser.feed_data(piece)
+            else:
+                # a head, or chunked framing: each ends right after an empty line, so the
+                # parser is fed up to each one and no further
+                probe = self._tail + data
+                end = probe.find(HEAD_END)
+                cut = len(data) if end < 0 else end + 4 - len(self._tail)
+                piece, data = data[:cut], data[cut:]
+                stop = len(probe) if end < 0 else end + 4
+                self._tail = probe[max(0, stop - 3):stop]
+                if reading is Reading.HEAD:
+                    self._head_size += len(piece)
+                    if self._head_size > limit:
+                        raise Malformed("headers_too_large")
+                    try:
+                        self._parser.feed_data(piece)
+                    except httptools.HttpParserUpgrade:
+                        self._upgraded()
+                else:
+                    body = self._body
+                    before = body.received if body is not None else 0
+                    self._parser.feed_data(piece)
+                    if body is not None and body.received == before:
+                        # only sizes, extensions or trailers: bounded like a head
+                        self._quiet += len(piece)
+                        if self._quiet > limit:
+                            raise Malformed("headers_too_large")
+                    else:
+                        self._quiet = 0
+            if self._done:
+                self._done = False
+                if self._reading is not Reading.STOPPED:
+                    self._reading = Reading.START
+            if self._reading is Reading.STOPPED:
+                return
+
+    def _upgraded(self) -> None:
+        """The parser stops at the end of a head with `Connection: Upgrade` (or CONNECT) and
+        frames no body. No upgrade is supported: the request is a plain one, so its body is
+        framed here, by feeding the parser a made-up head with the same framing, then the
+        body, from a clean state."""
+        framing = self._upgrade_framing
+        self._upgrade_framing = None
+        if framing is None:  # CONNECT: what follows is a tunnel's bytes, never HTTP
+            self._stop()
+            return
+        reading, length = framing
+        if reading is Reading.START:
+            return  # no body: the parser goes on with the next request
+        self._parser = httptools.HttpRequestParser(self)
+        self._synthetic = True
+        head = (b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" if reading is Reading.CHUNKED
+                else b"PUT / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % length)
+        self._parser.feed_data(head)
+        self._synthetic = False
+        self._done = False
+        self._reading = reading
+        self._remaining = length
+        self._tail = b""
+
+    # --- parser callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._synthetic:
+            return
+        self._url = b""
+        self._headers = []
+        self._index = {}
+        self._body = None
+
+    def on_url(self, url: bytes) -> None:
+        if not self._synthetic:
+            self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._synthetic:
+            return
+        if self._reading is not Reading.HEAD:
+            # a trailer (RFC 9112 §7.1.2): counted, and dropped, as nginx does
+            self._head_size += len(name) + len(value) + 4
+            if self._head_size > self.server.max_head:
+                raise Malformed("headers_too_large")
+            return
+        self._headers.append((name, value))
+        self._index.setdefault(name.lower(), value)
+
+    def on_headers_complete(self) -> None:
+        if self._synthetic:
+            return
+        parser = self._parser
+        index = self._index
+        method = parser.get_method().decode("ascii")
+        version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        reading, length = Reading.START, 0
+        if b"transfer-encoding" in index:
+            # only `chunked`, once, on HTTP/1.1 (RFC 9112 §6.1): any other coding would reach
+            # the partner API decoded differently from how it was framed here
+            codings = [v for n, v in self._headers if n.lower() == b"transfer-encoding"]
+            if version != HTTP_11 or len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+                raise Malformed("invalid_framing")
+            reading = Reading.CHUNKED
+        else:
+            length = content_length(index.get(b"content-length")) or 0
+            if length:
+                reading = Reading.LENGTH
+        body = None
+        if reading is not Reading.START:
+            body = self._body = Body(self._loop, self._pause_body, self._resume_body,
+                                     timeout=self.server.body_timeout)
+        if method == "CONNECT":
+            keep_alive = False
+            self._upgrade_framing = None
+        elif parser.should_upgrade():
+            self._upgrade_framing = (reading, length)
+        self._last = not keep_alive
+        target = self._url.decode("ascii", "surrogateescape")
+        request = Request(self, method, target, version, self._headers, index, body,
+                          keep_alive and self.state is not State.CLOSING)
+        self._reading = reading if reading is not Reading.START else Reading.HEAD
+        self._remaining = length
+        self._enqueue(request)
+
+    def on_body(self, data: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._synthetic:
+            return
+        if self._upgrade_framing is not None and self._upgrade_framing[0] is not Reading.START:
+            return  # an upgrade request's body is framed next, not ended
+        if self._body is not None:
+            self._body.end()
+            self._body = None
+        self._done = True
+        if self._last:
+            self._stop()
+
+    # --- the queue, and the connection's one task ------------------------------------------
+
+    def _enqueue(self, item: Request | Malformed) -> None:
+        if self.state is State.CLOSING and isinstance(item, Request) and self._request is not None:
+            return  # shutting down: requests pipelined behind the current one go unanswered
+        self._queue.append(item)
+        self._idle_since = None
+        self._wake()
+        if len(self._queue) >= MAX_PIPELINE:
+            self._pause(_QUEUE_FULL)
+
+    def _malformed(self, kind: str) -> None:
+        self._stop()  # nothing after a malformed request can be trusted
+        if self._body is not None:
+            self._body.fail(ClientGone("the request was malformed"))
+        self._enqueue(Malformed(kind))
+
+    def _stop(self) -> None:
+        self._reading = Reading.STOPPED
+        self._line = b""
+
+    async def _serve(self) -> None:
+        handler = self.server.handler
+        queue = self._queue
+        request: Request | None = None
+        try:
+            while self.state is not State.CLOSING:
+                if not queue:
+                    if self.transport is None or self._reading is Reading.STOPPED:
+                        break
+                    self._waiter = self._loop.create_future()
+                    await self._waiter
+                    continue
+                item = queue.popleft()
+                if len(queue) < MAX_PIPELINE // 2:
+                    self._resume(_QUEUE_FULL)
+                if self.state is State.IDLE:
+                    self.state = State.ACTIVE
+                if isinstance(item, Malformed):
+                    request = Request(self, "GET", "", HTTP_11, (), {}, None, False)
+                    self._request = request
+                    handler.refuse(request, item.kind)
+                    await self._linger()
+                    break
+                request = self._request = item
+                await handler(request)
+                self._request = None
+                if not request._done or self.transport is None:  # cut short
+                    break
+                body = request.body
+                if body is not None and not body.complete and not await self._finish_body(request):
+                    break
+                if not request.keep_alive:
+                    break
+                if self.state is State.ACTIVE:
+                    self.state = State.IDLE
+                if not queue:
+                    self._idle_since = self._loop.time()
+        except asyncio.CancelledError:
+            pass  # the client left, or shutdown ran out of time
+        except Exception as exc:  # a bug: this connection goes, the listener stays
+            log.error("request_failed", error=type(exc).__name__, exc_info=exc)
+            if request is not None and not request.answered and self.transport is not None:
+                try:
+                    request.keep_alive = False
+                    self.server.handler.fail(request, exc)
+                    await self._linger()
+                except Exception:  # noqa: BLE001 - the bug's answer failed too: cut
+                    self.abort()
+            else:
+                self.abort()  # cut, so no answer looks whole
+        finally:
+            self._request = None
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _finish_body(self, request: Request) -> bool:
+        """The rest of a request body the handler did not read (it was refused, say). A short
+        rest is read and dropped and the connection kept; past DISCARD_LIMIT our side is shut
+        for writing and the rest drained for at most LINGER seconds. True if the connection
+        can be kept."""
+        body = request.body
+        if body is None or request.body_withheld:
+            return False  # the client will not send it: nothing to wait for
+        transport = self.transport
+        dropped, keep = 0, True
+        try:
+            async with asyncio.timeout(LINGER):
+                while chunk := await body.read_chunk():
+                    dropped += len(chunk)
+                    if keep and dropped > DISCARD_LIMIT and transport is not None and transport.can_write_eof():
+                        keep = False
+                        transport.write_eof()
+        except (Exception, TimeoutError):
+            return False
+        return keep
+
+    async def _linger(self) -> None:
+        """Before closing on a client that may still be sending: shut our side for writing and
+        let what it sends be read and dropped, for at most LINGER seconds, so that it reads the
+        answer rather than a reset (closing with unread bytes makes the kernel send one)."""
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            return
+        self._stop()
+        self._pauses = 0
+        transport.resume_reading()
+        transport.write_eof()
+        self._waiter = self._loop.create_future()  # woken when the client closes too
+        try:
+            async with asyncio.timeout(LINGER):
+                await self._waiter
+        except TimeoutError:
+            pass
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- reading pauses ---------------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._pauses and self.transport is not None:
+            self.transport.pause_reading()
+            self.server.watch(self)
+        self._pauses |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._pauses & reason:
+            return
+        self._pauses &= ~reason
+        if not self._pauses and self.transport is not None:
+            self.server.paused.discard(self)
+            self.transport.resume_reading()
+
+    def _pause_body(self) -> None:
+        self._pause(_BODY_FULL)
+
+    def _resume_body(self) -> None:
+        self._resume(_BODY_FULL)
+
+    def peer_closed(self) -> bool:
+        """The client's FIN has arrived, though reading is paused (Linux: TCP_INFO)."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or not hasattr(socket, "TCP_INFO"):
+            return False
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        except OSError:
+            return False
+        return bool(info) and struct.unpack_from("B", info)[0] == _TCP_CLOSE_WAIT
+
+    # --- timers and writes ----------------------------------------------------------------
+
+    def _on_idle(self) -> None:
+        """The idle timer, checked when it fires rather than re-armed for every request."""
+        if self.transport is None:
+            self._idle = None
+            return
+        now, timeout, since = self._loop.time(), self.server.idle_timeout, self._idle_since
+        if since is not None and now - since >= timeout and self._request is None:
+            self._idle = None
+            self.transport.close()
+            return
+        self._idle = self._loop.call_at((now if since is None else since) + timeout, self._on_idle)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def writelines(self, data: tuple[bytes, ...]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def shut(self) -> None:
+        """Shutdown: an idle connection closes now, a busy one after its current response."""
+        self.state = State.CLOSING
+        if self._request is None and not self._queue and self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+
+_QUEUE_FULL = 1
+_BODY_FULL = 2
+
+
+class Listener:
+    """A listening socket and its connections."""
+
+    def __init__(self, handler: Handler, *, idle_timeout: float, body_timeout: float,
+                 max_head: int = 2**16) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handler = handler
+        self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.max_head = max_head
+        self.connections: set[Connection] = set()
+        self.paused: set[Connection] = set()  # reading paused: watched for a FIN
+        self._watcher: asyncio.TimerHandle | None = None
+        self._server: asyncio.Server | None = None
+        self._date = b""
+        self._date_at = 0
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), host, port, reuse_address=True, backlog=1024,
+        )
+        name = self._server.sockets[0].getsockname()
+        return name[0], name[1]
+
+    def close(self) -> None:
+        """Refuse new connections; idle ones close now, busy ones after their response."""
+        if self._server is not None:
+            self._server.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        for conn in list(self.connections):
+            conn.shut()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for open connections to finish, up to `timeout`; then cut what is left.
+        True if everything finished in time."""
+        tasks = {c._task for c in self.connections if c._task is not None}
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for conn in list(self.connections):
+            conn.abort()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        return not pending
+
+    def watch(self, conn: Connection) -> None:
+        """Look for a FIN from `conn` while its reading is paused: the kernel holds it behind
+        the unread bytes, where `eof_received` cannot see it."""
+        self.paused.add(conn)
+        if self._watcher is None:
+            self._watcher = self.loop.call_later(FIN_CHECK, self._check_paused)
+
+    def _check_paused(self) -> None:
+        self._watcher = None
+        for conn in list(self.paused):
+            if conn.transport is None:
+                self.paused.discard(conn)
+            elif conn.peer_closed():
+                self.paused.discard(conn)
+                conn.abort()  # connection_lost cancels what works for it
+        if self.paused:
+            self._watcher = self.loop.call_later(FIN_CHECK, self._check_paused)
+
+    def date_line(self) -> bytes:
+        """`Date: ...\\r\\n`, formatted once a second (RFC 9110 §6.6.1)."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return self._date
+
