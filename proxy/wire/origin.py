@@ -151,7 +151,7 @@ class OriginConnection(asyncio.Protocol):
                     if self._head_size > MAX_RESPONSE_HEAD:
                         raise BadResponse(f"the response head is over {MAX_RESPONSE_HEAD} bytes")
                     self._parser.feed_data(piece)
-                    if self.phase is Phase.DONE and self._head_only:
+                    if self._head_only and self.finished:
                         self._parser = httptools.HttpResponseParser(self)
                 elif self.phase is Phase.BODY:
                     self._parser.feed_data(data)

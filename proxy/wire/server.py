@@ -275,8 +275,8 @@ class Connection(asyncio.Protocol):
             self._idle = self._loop.call_at(self._idle_since + self.server.idle_timeout, self._on_idle)
             self._task = self._loop.create_task(self._serve())
         except Exception as exc:  # a bug, or a socket gone already: this connection only
-            log.error("request_failed", error=type(exc).__name__, stage="connection_made")
-            transport.abort()
+            log.error("request_failed", error=type(exc).__name__, stage="connection_made", exc_info=exc)
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._reading is Reading.STOPPED:

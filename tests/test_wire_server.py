@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.app import Proxy
-from proxy.listener import DISCARD_LIMIT, MAX_PIPELINE
+from proxy.wire.server import DISCARD_LIMIT, MAX_PIPELINE
 from tests import fakes
 from tests.conftest import StartProxy
 from tests.fakes import FakeNdovu
@@ -278,14 +278,18 @@ async def test_a_failing_handler_costs_one_connection_not_the_listener(
     monkeypatch.setattr(Forwarder, "_admit", broken)
     proxy = await start_proxy()
     client = await Client.open(proxy)
-    await client.send(get(f"{API}/boom"))
-    assert await client.closed()  # no answer, the connection cut
+    await client.send(get(f"{API}/boom") + get(f"{API}/after"))
+    status, headers, body = await client.response()  # the proxy's own 500, then the connection closes
+    assert status == 500 and headers["x-ndovu-proxy-error"] == "internal_error"
+    assert json.loads(body)["error"] == "internal_error" and headers["connection"] == "close"
+    assert await client.closed()
     again = await Client.open(proxy)
     await again.send(get(f"{API}/fine"))
     assert (await again.response())[0] == 200
     again.close()
     failed = [json.loads(line) for line in log_buffer.getvalue().splitlines() if "request_failed" in line]
-    assert len(failed) == 1 and failed[0]["level"] == "error" and "RuntimeError" in failed[0]["exception"]
+    assert len(failed) == 1 and failed[0]["level"] == "error" and failed[0]["error"] == "RuntimeError"
+    assert [r.path_qs for r in fake.api_log] == [f"{API}/fine"]  # the request behind the bug was not run
     access = [json.loads(line) for line in log_buffer.getvalue().splitlines() if '"access"' in line]
     assert [a["status"] for a in access] == [500, 200]
 
