@@ -325,7 +325,7 @@ class Forwarder:
         data = content.read_nowait()
         upstream.release()
         request.respond(upstream.status, self._response_headers(upstream, request_id, replayed), data,
-                        reason=upstream.reason, dated=upstream.get(b"date") is not None)
+                        reason=upstream.reason or None, dated=upstream.get(b"date") is not None)
         return True
 
     async def _stream_back(self, request: Request, upstream: Response, request_id: str, replayed: bool) -> None:
@@ -335,14 +335,14 @@ class Forwarder:
         if content is None:  # HEAD, 204, 304: the head says it all
             length = upstream.content_length if upstream.status not in NO_BODY else None
             upstream.release()
-            request.start(upstream.status, headers, length, reason=upstream.reason, dated=dated)
+            request.start(upstream.status, headers, length, reason=upstream.reason or None, dated=dated)
             request.end()
             return
         try:
             first = content.read_nowait()  # what came with the headers goes out with them
         except wire.OriginError as exc:
             raise _wire_error(exc, self._body_timeout) from exc
-        request.start(upstream.status, headers, upstream.content_length, first, reason=upstream.reason, dated=dated)
+        request.start(upstream.status, headers, upstream.content_length, first, reason=upstream.reason or None, dated=dated)
         try:
             while chunk := await content.read_chunk():
                 await request.write(chunk)

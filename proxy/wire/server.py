@@ -72,9 +72,20 @@ class Handler(Protocol):
 
 
 class Malformed(Exception):
+    """A request that cannot be read; `kind` is one of MALFORMED."""
+
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind
+
+
+class Failed:
+    """In the queue: a request whose reading hit a bug, to be answered 500 in turn."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
 
 
 class Reading(enum.Enum):
@@ -247,7 +258,7 @@ class Connection(asyncio.Protocol):
         self._upgrade_framing: tuple[Reading, int] | None = None
         self._last = False  # no request may follow the one being parsed
         # answering
-        self._queue: deque[Request | Malformed] = deque()
+        self._queue: deque[Request | Malformed | Failed] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._request: Request | None = None
@@ -287,13 +298,18 @@ class Connection(asyncio.Protocol):
             self._malformed(exc.kind)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            self._malformed(cause.kind if isinstance(cause, Malformed) else "invalid_syntax")
+            if isinstance(cause, Malformed):
+                self._malformed(cause.kind)
+            else:
+                self._failed(cause if isinstance(cause, Exception) else exc)
         except httptools.HttpParserInvalidMethodError:
             self._malformed("invalid_method")
         except httptools.HttpParserInvalidURLError:
             self._malformed("invalid_target")
         except httptools.HttpParserError:
             self._malformed("invalid_syntax")
+        except Exception as exc:  # a bug: this connection goes, the listener stays
+            self._failed(exc)
 
     def eof_received(self) -> bool:
         # A client's FIN: it is gone, and whatever works for it is cancelled, as nginx takes it
@@ -501,7 +517,7 @@ class Connection(asyncio.Protocol):
 
     # --- the queue, and the connection's one task ------------------------------------------
 
-    def _enqueue(self, item: Request | Malformed) -> None:
+    def _enqueue(self, item: Request | Malformed | Failed) -> None:
         if self.state is State.CLOSING and isinstance(item, Request) and self._request is not None:
             return  # shutting down: requests pipelined behind the current one go unanswered
         self._queue.append(item)
@@ -515,6 +531,15 @@ class Connection(asyncio.Protocol):
         if self._body is not None:
             self._body.fail(ClientGone("the request was malformed"))
         self._enqueue(Malformed(kind))
+
+    def _failed(self, exc: Exception) -> None:
+        """A bug while reading a request: logged, answered 500 in turn, and the connection
+        reads no more."""
+        log.error("request_failed", error=type(exc).__name__, stage="parsing", exc_info=exc)
+        self._stop()
+        if self._body is not None:
+            self._body.fail(ClientGone("the request could not be read"))
+        self._enqueue(Failed(exc))
 
     def _stop(self) -> None:
         self._reading = Reading.STOPPED
@@ -537,10 +562,13 @@ class Connection(asyncio.Protocol):
                     self._resume(_QUEUE_FULL)
                 if self.state is State.IDLE:
                     self.state = State.ACTIVE
-                if isinstance(item, Malformed):
+                if isinstance(item, Malformed | Failed):
                     request = Request(self, "GET", "", HTTP_11, (), {}, None, False)
                     self._request = request
-                    handler.refuse(request, item.kind)
+                    if isinstance(item, Malformed):
+                        handler.refuse(request, item.kind)
+                    else:
+                        handler.fail(request, item.exc)
                     await self._linger()
                     break
                 request = self._request = item
