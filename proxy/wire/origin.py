@@ -1,7 +1,7 @@
 """One keep-alive connection to the origin, on httptools' response parser (llhttp).
 
 The parser cannot be told that a response answers HEAD, and has no end-of-input call: so
-a head is fed up to its end and no further (a HEAD's answer then ends there, and the
+the answer to a HEAD is fed up to its head's end and no further (it ends there, and the
 parser is replaced for the next exchange), and a body with neither length nor chunks ends
 when the connection closes cleanly.
 
@@ -60,9 +60,9 @@ class OriginConnection(asyncio.Protocol):
         self._head_only = False  # the request was HEAD
         self._answer: asyncio.Future[Answer] | None = None
         self._body: Body | None = None
-        self._until_close = False  # the body ends when the connection does
         self._tail = b""
-        self._head_size = 0
+        self._head_fed = 0  # bytes fed while the head was unfinished
+        self._feeding = 0  # the size of the piece being fed
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._paused = False
@@ -90,6 +90,7 @@ class OriginConnection(asyncio.Protocol):
         self._head_only = method == "HEAD"
         self.phase = Phase.HEAD
         self._tail = b""
+        self._head_fed = 0
         self._body = None
         self._answer = self._loop.create_future()
         return self._answer
@@ -139,7 +140,8 @@ class OriginConnection(asyncio.Protocol):
         self._last_read = self._loop.time()
         try:
             while data:
-                if self.phase is Phase.HEAD:
+                phase = self.phase
+                if phase is Phase.HEAD and self._head_only:
                     # fed up to the head's end and no further: a HEAD's answer ends there
                     probe = self._tail + data
                     end = probe.find(HEAD_END)
@@ -147,14 +149,16 @@ class OriginConnection(asyncio.Protocol):
                     piece, data = data[:cut], data[cut:]
                     stop = len(probe) if end < 0 else end + 4
                     self._tail = probe[max(0, stop - 3):stop]
-                    self._head_size += len(piece)
-                    if self._head_size > MAX_RESPONSE_HEAD:
-                        raise BadResponse(f"the response head is over {MAX_RESPONSE_HEAD} bytes")
+                    self._guard_head(len(piece))
+                    self._feeding = len(piece)
                     self._parser.feed_data(piece)
-                    if self._head_only and self.finished:
+                    if self.finished:
                         self._parser = httptools.HttpResponseParser(self)
-                elif self.phase is Phase.BODY:
+                elif phase is Phase.HEAD or phase is Phase.BODY:
+                    self._feeding = len(data)
                     self._parser.feed_data(data)
+                    if self.phase is Phase.HEAD:
+                        self._guard_head(len(data))  # all of it was head: bounded
                     data = b""
                 else:
                     raise BadResponse("bytes from the origin that answer no request")
@@ -165,6 +169,18 @@ class OriginConnection(asyncio.Protocol):
             self._broken(BadResponse("the response is not valid HTTP/1.1"))
         except OriginError as exc:
             self._broken(exc)
+
+    def _until_close(self) -> bool:
+        """The response's body has neither length nor chunks: it ends when the connection does."""
+        return self._answer is not None and self._answer.done() and not self._answer.cancelled() and not any(
+            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers)
+
+    def _guard_head(self, fed: int) -> None:
+        """Bytes fed while the head is unfinished: an endless head must not grow without
+        bound inside the parser (completed lines are counted exactly as they come)."""
+        self._head_fed += fed
+        if self._head_fed > 2 * MAX_RESPONSE_HEAD:
+            raise BadResponse(f"the response head is over {MAX_RESPONSE_HEAD} bytes")
 
     def _broken(self, exc: OriginError) -> None:
         self.fail(exc)
@@ -182,7 +198,7 @@ class OriginConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if exc is None and self.phase is Phase.BODY and self._until_close and self._body is not None:
+        if exc is None and self.phase is Phase.BODY and self._body is not None and self._until_close():
             self._body.end()  # a body with neither length nor chunks ends at a clean close
             self.phase = Phase.DONE
         error = Disconnected("the origin closed the connection" if exc is None else
@@ -214,13 +230,16 @@ class OriginConnection(asyncio.Protocol):
             if status == 101:
                 raise BadResponse("the origin switched protocols, which no request asked for")
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        self._head_size = 0
-        keep_alive = parser.should_keep_alive()
         headers = self._headers
+        if self._head_fed + self._feeding > MAX_RESPONSE_HEAD:  # it may be over: measured
+            size = 15 + len(self._reason) + sum(len(n) + len(v) + 4 for n, v in headers)
+            if size > MAX_RESPONSE_HEAD:
+                raise BadResponse(f"the response head is over {MAX_RESPONSE_HEAD} bytes")
+        self._head_fed = 0
+        keep_alive = parser.should_keep_alive()
         body = None
         if not self._head_only and status not in NO_BODY:
             body = self._body = Body(self._loop, self._pause, self._resume)
-            self._until_close = not any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
             self.phase = Phase.BODY
         else:
             self.phase = Phase.DONE
@@ -237,7 +256,7 @@ class OriginConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.phase is Phase.HEAD:
-            self._head_size = 0
+            self._head_fed = 0
             return  # an interim answer ended
         if self._body is not None:
             self._body.end()

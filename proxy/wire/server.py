@@ -357,29 +357,33 @@ class Connection(asyncio.Protocol):
                     data, self._line = self._line + data, b""
                 while data[:2] == b"\r\n":  # empty lines before a request line (RFC 9112 §2.2)
                     data = data[2:]
-                end = data.find(b"\n")
-                if end < 0:
+                nl = data.find(b"\n")
+                if nl < 0:
                     if len(data) > limit:
                         raise Malformed("headers_too_large")
                     self._line = data
                     return
-                line, data = data[:end + 1], data[end + 1:]
-                if not line.isascii():
-                    line = encode_target(line)
-                self._head_size = len(line)
+                if data[:nl].isascii():
+                    # most requests: the whole head at hand, fed at once
+                    end = data.find(HEAD_END, max(nl - 1, 0))
+                    cut = nl + 1 if end < 0 else end + 4
+                    piece, data = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
+                else:  # the request line alone, its target's bytes 0x80-0xFF percent-encoded
+                    end = -1
+                    piece, data = encode_target(data[:nl + 1]), data[nl + 1:]
+                self._head_size = len(piece)
                 if self._head_size > limit:
                     raise Malformed("headers_too_large")
-                self._tail = line[-2:]
+                self._tail = b"" if end >= 0 else piece[-3:]
                 self._reading = Reading.HEAD
-                self._parser.feed_data(line)
-                continue
-            if reading is Reading.LENGTH:
+                self._feed_head(piece)
+            elif reading is Reading.LENGTH:
                 piece, data = data[:self._remaining], data[self._remaining:]
                 self._remaining -= len(piece)
                 self._parser.feed_data(piece)
             else:
-                # a head, or chunked framing: each ends right after an empty line, so the
-                # parser is fed up to each one and no further
+                # the rest of a head, or chunked framing: each ends right after an empty line,
+                # so the parser is fed up to each one and no further
                 probe = self._tail + data
                 end = probe.find(HEAD_END)
                 cut = len(data) if end < 0 else end + 4 - len(self._tail)
@@ -390,10 +394,7 @@ class Connection(asyncio.Protocol):
                     self._head_size += len(piece)
                     if self._head_size > limit:
                         raise Malformed("headers_too_large")
-                    try:
-                        self._parser.feed_data(piece)
-                    except httptools.HttpParserUpgrade:
-                        self._upgraded()
+                    self._feed_head(piece)
                 else:
                     body = self._body
                     before = body.received if body is not None else 0
@@ -411,6 +412,12 @@ class Connection(asyncio.Protocol):
                     self._reading = Reading.START
             if self._reading is Reading.STOPPED:
                 return
+
+    def _feed_head(self, piece: bytes) -> None:
+        try:
+            self._parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            self._upgraded()
 
     def _upgraded(self) -> None:
         """The parser stops at the end of a head with `Connection: Upgrade` (or CONNECT) and
