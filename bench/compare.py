@@ -6,7 +6,8 @@ DIR is another checkout of the project (e.g. `git worktree add /tmp/base <commit
 PY (a Python that has that checkout's dependencies; default: this one) and PYTHONPATH=DIR.
 Each round runs every scenario against the baseline, then against this checkout (the order
 alternates between rounds, so drift on a shared machine hits both alike); the table gives the
-median of the rounds and every round's figure. Same needs as bench/run.py (nginx with the
+median of the rounds and every round's figure, and the proxy's CPU time per request (user +
+system, from /proc), which a busy machine disturbs far less than throughput. Same needs as bench/run.py (nginx with the
 echo module, wrk, taskset); loopback only, bounded by --rounds x scenarios x --seconds.
 """
 
@@ -48,6 +49,12 @@ class Build(run.Contender):
         self.startup_s = run.wait_port(self.port, self.proc)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, type=Path, help="the other checkout")
@@ -78,10 +85,16 @@ def main() -> int:
                     build.start()
                     base = f"http://127.0.0.1:{build.port}"
                     run.warm(base, False)
+                    assert build.proc is not None
                     for scenario in scenarios:
+                        cpu = cpu_seconds(build.proc.pid)
                         r = run.wrk(base, scenario, args.seconds, tmp, False)
                         value = getattr(r, SCENARIOS[scenario.name])
                         figures.setdefault((label, scenario.name), []).append(value)
+                        served = r.rps * args.seconds
+                        if served:
+                            used = (cpu_seconds(build.proc.pid) - cpu) / served * 1e6
+                            figures.setdefault((label, scenario.name + " cpu"), []).append(used)
                         invalid |= bool(r.non2xx or r.errors)
                         print(f"  round {n + 1} {label:8} {scenario.name:14} {value:10.3f}"
                               + (f"  non-2xx {r.non2xx} errors {r.errors}" if r.non2xx or r.errors else ""), flush=True)
@@ -101,6 +114,11 @@ def main() -> int:
         label = f"{scenario.name} ({'p50 ms' if unit.endswith('ms') else 'req/s'})"
         rounds = " ".join(fmt.format(v) for v in old) + " / " + " ".join(fmt.format(v) for v in new)
         print(f"| {label} | {fmt.format(mo)} | {fmt.format(mn)} | {mn / mo:.2f}x | {rounds} |")
+        old, new = figures.get(("baseline", scenario.name + " cpu"), []), figures.get(("this", scenario.name + " cpu"), [])
+        if old and new:
+            mo, mn = statistics.median(old), statistics.median(new)
+            rounds = " ".join(f"{v:.1f}" for v in old) + " / " + " ".join(f"{v:.1f}" for v in new)
+            print(f"| {scenario.name} (proxy CPU us/request) | {mo:.1f} | {mn:.1f} | {mn / mo:.2f}x | {rounds} |")
     return 1 if invalid else 0
 
 

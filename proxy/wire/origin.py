@@ -55,6 +55,8 @@ class OriginConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.drain = Drain(loop)
         self.should_close = False
+        self.answered = False  # a byte of the current exchange's answer has arrived
+        self._ours = False  # the proxy closed the connection, not the origin
         self.phase = Phase.IDLE
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = False  # the request was HEAD
@@ -75,11 +77,13 @@ class OriginConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.should_close = True
+        self._ours = True
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         self.should_close = True
+        self._ours = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -88,6 +92,7 @@ class OriginConnection(asyncio.Protocol):
     def expect(self, method: str) -> asyncio.Future[Answer]:
         """Before a request is written: the future of its response's head."""
         self._head_only = method == "HEAD"
+        self.answered = False
         self.phase = Phase.HEAD
         self._tail = b""
         self._head_fed = 0
@@ -138,6 +143,7 @@ class OriginConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
+        self.answered = True
         try:
             while data:
                 phase = self.phase
@@ -198,7 +204,8 @@ class OriginConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if exc is None and self.phase is Phase.BODY and self._body is not None and self._until_close():
+        if exc is None and not self._ours and self.phase is Phase.BODY and self._body is not None \
+                and self._until_close():
             self._body.end()  # a body with neither length nor chunks ends at a clean close
             self.phase = Phase.DONE
         error = Disconnected("the origin closed the connection" if exc is None else

@@ -192,11 +192,11 @@ class Pool:
             try:
                 return await self._exchange(proto, method, head, body, chunked)
             except Disconnected as exc:
-                # The origin closed a pooled connection as we reused it, before any answer: once
-                # more, on a new one. A clean close means it never took the request; a reset
-                # may come after it did, so only idempotent methods are sent again then
-                # (as Go's http.Transport does).
-                if not reused or not (body is None or isinstance(body, bytes)):
+                # The origin closed a pooled connection as we reused it, before any byte of an
+                # answer: once more, on a new one. A clean close means it never took the
+                # request; a reset may come after it did, so only idempotent methods are sent
+                # again then (as Go's http.Transport does).
+                if not reused or proto.answered or not (body is None or isinstance(body, bytes)):
                     raise
                 if exc.reset and method not in IDEMPOTENT:
                     raise

@@ -52,8 +52,10 @@ class Body:
         self._wake()
 
     def end(self) -> None:
-        self._eof = True
-        self._wake()
+        """Every byte is in. A no-op once failed: a failed body never looks whole."""
+        if self._exc is None:
+            self._eof = True
+            self._wake()
 
     def fail(self, exc: BaseException) -> None:
         """The body will not come to its end; the reader hears `exc` once the bytes before
@@ -106,11 +108,11 @@ class Body:
         return data
 
     async def read_all(self) -> bytes:
-        while not self._eof:
-            if self._exc is not None:
-                raise self._exc
-            await self._wait()
-        return self.read_nowait()
+        """The whole body, taken as it comes (so that reading never stays paused)."""
+        parts = [self.read_nowait()]
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _taken(self, n: int) -> None:
         self._size -= n
