@@ -185,14 +185,23 @@ class Forwarder:
                 )
 
     def refuse(self, request: Request, kind: str) -> None:
-        """A request the listener could not read: 400 (431 for an oversized head), and the
-        connection closes. The bytes it came with are not logged (they may hold a secret)."""
+        """A request the listener could not read (`kind`: proxy.wire.MALFORMED): 400, 431 for
+        an oversized head, 405 for TRACK; the connection closes."""
         request_id = self._new_id()
-        log.info("malformed_request", error=kind, request_id=request_id)
-        error: ProxyError = (HeadersTooLarge("the request line, headers and trailers are over limits.max_header_bytes")
-                             if kind == "headers_too_large" else BadRequest("the request is not valid HTTP/1.1"))
+        error = self._refusal(kind, request_id)
         self._stats.count_response("other", error.status)
         send_error(request, error, request_id)
+
+    @staticmethod
+    def _refusal(kind: str, request_id: str) -> ProxyError:
+        """The answer to a request that cannot be read, logged without its bytes (they may hold
+        a secret)."""
+        log.info("malformed_request", error=kind, request_id=request_id)
+        if kind == "headers_too_large":
+            return HeadersTooLarge("the request line, headers and trailers are over limits.max_header_bytes")
+        if kind == "method_not_allowed":
+            return MethodNotAllowed("the proxy does not forward TRACK requests")
+        return BadRequest("the request is not valid HTTP/1.1")
 
     def fail(self, request: Request, exc: Exception) -> None:
         """A bug while answering (logged as request_failed by the listener): 500."""
@@ -284,6 +293,8 @@ class Forwarder:
                         raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
         except wire.BodyTimeout as exc:
             raise RequestTimeout(f"no byte of the request body for {self._body_timeout:g} s") from exc
+        except wire.BadFraming as exc:
+            raise self._refusal(exc.kind, self._new_id()) from exc
         body.replayable = False
         body.length = length
         body.data = self._stream_body(content, bytes(prefix), body)
@@ -309,6 +320,8 @@ class Forwarder:
             return await self._upstream.send(request.method, target, headers, body.data, body.length)
         except (BodyTooLarge, wire.ClientGone):
             raise
+        except wire.BadFraming as exc:  # the body streamed upstream turned out malformed
+            raise self._refusal(exc.kind, request_id) from exc
         except wire.WireError as exc:
             if body.too_large:
                 raise BodyTooLarge(f"the request body is over {self._max_body} bytes") from exc

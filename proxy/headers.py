@@ -71,6 +71,10 @@ def _shape(raw: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
             if low == b"connection":
                 named.append(value)
             continue
+        if b"_" in low and (low.replace(b"_", b"-") in drop or low.startswith(b"proxy_")):
+            # CGI, PHP and WSGI servers read `Transfer_Encoding` as Transfer-Encoding
+            # (nginx drops names with underscores by default)
+            continue
         kept.append((name, value))
     if named:  # RFC 9110 §7.6.1: what Connection names is for this hop only
         hop = connection_named(named) - drop  # most name only keep-alive or close

@@ -4,6 +4,7 @@
     └── WireError
         ├── ClientBodyError       the app's request body cannot be read to its end
         │   ├── BodyTimeout           no byte of it for the body timeout (408)
+        │   ├── BadFraming            its chunks or trailers are malformed (`kind` as in MALFORMED)
         │   └── ClientGone            the app closed its connection
         └── OriginError           the exchange with the origin failed
             ├── ConnectFailed         refused, unreachable, no such host, TLS failed
@@ -28,6 +29,12 @@ class ClientBodyError(WireError):
 
 class BodyTimeout(ClientBodyError):
     pass
+
+
+class BadFraming(ClientBodyError):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
 
 
 class ClientGone(ClientBodyError):

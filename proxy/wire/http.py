@@ -27,8 +27,12 @@ HEAD_END = b"\r\n\r\n"
 
 
 def content_length(value: bytes | None) -> int | None:
-    """A Content-Length value the parser already checked, as an int (None when absent)."""
-    return int(value) if value is not None and value.isdigit() else None
+    """A Content-Length value as an int: digits, with the optional white space around them
+    that the parser lets through (RFC 9110 §5.5); None when absent or anything else."""
+    if value is None:
+        return None
+    value = value.strip(b" \t")
+    return int(value) if value.isdigit() and value.isascii() else None
 
 
 def render(headers: Headers) -> bytes:
@@ -44,18 +48,8 @@ def find(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
-def _percent(byte: int) -> bytes:
-    return b"%%%02X" % byte
-
-
-def encode_target(line: bytes) -> bytes:
-    """A request line with the bytes 0x80-0xFF of its target percent-encoded (RFC 3986 §2.1):
-    clients such as curl send a UTF-8 query as they got it, and the parser takes only
-    ASCII targets. The method and version are left for the parser to judge."""
-    first = line.find(b" ")
-    last = line.rfind(b" ")
-    if first < 0 or last <= first:
-        return line  # not a request line the parser will take anyway
-    target = line[first + 1:last]
-    encoded = b"".join([bytes((c,)) if c < 0x80 else _percent(c) for c in target])
-    return line[:first + 1] + encoded + line[last:]
+def encode_high(line: bytes) -> bytes:
+    """`line` with its bytes 0x80-0xFF percent-encoded (RFC 3986 §2.1). Used on request lines:
+    clients such as curl send a UTF-8 query as they got it, and the parser takes only ASCII
+    targets. In a method or version the parser refuses the result as it would the byte."""
+    return b"".join([b"%%%02X" % c if c > 0x7F else bytes((c,)) for c in line])

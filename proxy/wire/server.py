@@ -38,8 +38,8 @@ from typing import Protocol, cast
 import httptools
 import structlog
 
-from proxy.wire.errors import ClientGone
-from proxy.wire.http import HEAD_END, HTTP_10, HTTP_11, NO_BODY, Headers, content_length, encode_target, render
+from proxy.wire.errors import BadFraming, ClientGone
+from proxy.wire.http import HEAD_END, HTTP_10, HTTP_11, NO_BODY, Headers, content_length, encode_high, render
 from proxy.wire.stream import Body, Drain
 
 log = structlog.get_logger("proxy.wire")
@@ -58,7 +58,8 @@ _TCP_CLOSE_WAIT = 8  # tcp_states.h: the peer has sent its FIN
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 #: what `malformed_request` reports; the proxy's own kinds, never the bytes
-MALFORMED = ("invalid_syntax", "invalid_method", "invalid_target", "invalid_framing", "headers_too_large")
+MALFORMED = ("invalid_syntax", "invalid_method", "invalid_target", "invalid_framing", "headers_too_large",
+             "method_not_allowed")
 
 
 class Handler(Protocol):
@@ -92,6 +93,7 @@ class Reading(enum.Enum):
     """Where the connection's reader is in the byte stream."""
 
     START = "start"  # the next byte begins a request line
+    LINE = "line"  # a request line fed in pieces
     HEAD = "head"  # the rest of a head (request line fed)
     LENGTH = "length"  # a body of known length
     CHUNKED = "chunked"  # a chunked body
@@ -208,8 +210,8 @@ class Request:
               chunked: bool = False, dated: bool = False) -> bytes:
         self._started = True
         conn = self._conn
-        if conn.state is not State.ACTIVE or not conn.reading_on:
-            self.keep_alive = False
+        if conn.state is not State.ACTIVE or not (conn.reading_on or conn.queued):
+            self.keep_alive = False  # nothing more will be read, and nothing waits for an answer
         elif self.body_withheld:
             # answered before the body it held back: it will not come, so the connection
             # cannot be reused, and the client is told so (RFC 9110 §10.1.1)
@@ -243,11 +245,12 @@ class Connection(asyncio.Protocol):
         self.drain = Drain(self._loop)
         self._parser = httptools.HttpRequestParser(self)
         self._reading = Reading.START
-        self._line = b""  # the start of a request line not yet whole
+        self._line_start = b""  # the first bytes of the request line being read
         self._tail = b""  # the last bytes of the head fed so far (its end may straddle reads)
         self._head_size = 0
         self._remaining = 0  # of a body of known length
-        self._quiet = 0  # chunked-body bytes fed since the last body byte: sizes, extensions, trailers
+        self._quiet = 0  # chunked-body bytes fed with no progress: sizes, extensions, trailers
+        self._progress = 0  # body pieces and chunk ends seen
         self._done = False  # the parser finished a message
         self._synthetic = False  # the parser is fed a made-up head to frame an upgrade request's body
         # the message being parsed
@@ -270,6 +273,11 @@ class Connection(asyncio.Protocol):
     def reading_on(self) -> bool:
         """More requests may follow on this connection."""
         return self._reading is not Reading.STOPPED
+
+    @property
+    def queued(self) -> bool:
+        """Requests (or a refusal) already read wait for their answer behind this one."""
+        return bool(self._queue)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -303,7 +311,8 @@ class Connection(asyncio.Protocol):
             else:
                 self._failed(cause if isinstance(cause, Exception) else exc)
         except httptools.HttpParserInvalidMethodError:
-            self._malformed("invalid_method")
+            # llhttp knows no TRACK, which echoes like TRACE: refused the same way
+            self._malformed("method_not_allowed" if self._line_start == b"TRACK " else "invalid_method")
         except httptools.HttpParserInvalidURLError:
             self._malformed("invalid_target")
         except httptools.HttpParserError:
@@ -353,29 +362,38 @@ class Connection(asyncio.Protocol):
         while data:
             reading = self._reading
             if reading is Reading.START:
-                if self._line:
-                    data, self._line = self._line + data, b""
-                while data[:2] == b"\r\n":  # empty lines before a request line (RFC 9112 §2.2)
-                    data = data[2:]
-                nl = data.find(b"\n")
-                if nl < 0:
-                    if len(data) > limit:
-                        raise Malformed("headers_too_large")
-                    self._line = data
+                data = data.lstrip(b"\r\n")  # empty lines before a request line (RFC 9112 §2.2)
+                if not data:
                     return
-                if data[:nl].isascii():
-                    # most requests: the whole head at hand, fed at once
-                    end = data.find(HEAD_END, max(nl - 1, 0))
-                    cut = nl + 1 if end < 0 else end + 4
-                    piece, data = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
-                else:  # the request line alone, its target's bytes 0x80-0xFF percent-encoded
-                    end = -1
-                    piece, data = encode_target(data[:nl + 1]), data[nl + 1:]
+                self._head_size = 0
+                self._line_start = data[:6]
+                nl = data.find(b"\n")
+                if nl < 0 or not data[:nl].isascii():
+                    self._reading = Reading.LINE  # the line in pieces, or with bytes to encode
+                    continue
+                # most requests: the whole head at hand, fed at once
+                end = data.find(HEAD_END, max(nl - 1, 0))
+                cut = nl + 1 if end < 0 else end + 4
+                piece, data = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
                 self._head_size = len(piece)
                 if self._head_size > limit:
                     raise Malformed("headers_too_large")
                 self._tail = b"" if end >= 0 else piece[-3:]
                 self._reading = Reading.HEAD
+                self._feed_head(piece)
+            elif reading is Reading.LINE:
+                # fed as it comes, so a broken line is refused at once, its bytes 0x80-0xFF
+                # percent-encoded first (llhttp takes none; curl sends a UTF-8 query as it is)
+                nl = data.find(b"\n")
+                piece, data = (data, b"") if nl < 0 else (data[:nl + 1], data[nl + 1:])
+                if not piece.isascii():
+                    piece = encode_high(piece)
+                self._head_size += len(piece)
+                if self._head_size > limit:
+                    raise Malformed("headers_too_large")
+                if nl >= 0:
+                    self._reading = Reading.HEAD
+                    self._tail = piece[-3:]
                 self._feed_head(piece)
             elif reading is Reading.LENGTH:
                 piece, data = data[:self._remaining], data[self._remaining:]
@@ -396,11 +414,11 @@ class Connection(asyncio.Protocol):
                         raise Malformed("headers_too_large")
                     self._feed_head(piece)
                 else:
-                    body = self._body
-                    before = body.received if body is not None else 0
+                    progress = self._progress
                     self._parser.feed_data(piece)
-                    if body is not None and body.received == before:
-                        # only sizes, extensions or trailers: bounded like a head
+                    if self._progress == progress:
+                        # neither a body byte nor a chunk's end: a size line, an extension or
+                        # trailers that go on; bounded like a head
                         self._quiet += len(piece)
                         if self._quiet > limit:
                             raise Malformed("headers_too_large")
@@ -448,6 +466,10 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._synthetic:
             return
+        if self._done or self._reading is not Reading.HEAD and self._reading is not Reading.LINE:
+            # the parser sees a request where the framing here sees none: never forwarded
+            raise Malformed("invalid_framing")
+        self._quiet = 0
         self._url = b""
         self._headers = []
         self._index = {}
@@ -485,8 +507,11 @@ class Connection(asyncio.Protocol):
             if version != HTTP_11 or len(codings) != 1 or codings[0].strip().lower() != b"chunked":
                 raise Malformed("invalid_framing")
             reading = Reading.CHUNKED
-        else:
-            length = content_length(index.get(b"content-length")) or 0
+        elif b"content-length" in index:
+            declared = content_length(index[b"content-length"])
+            if declared is None:  # the parser took it; this framing must read it alike
+                raise Malformed("invalid_framing")
+            length = declared
             if length:
                 reading = Reading.LENGTH
         body = None
@@ -507,8 +532,12 @@ class Connection(asyncio.Protocol):
         self._enqueue(request)
 
     def on_body(self, data: bytes) -> None:
+        self._progress += 1
         if self._body is not None:
             self._body.feed(data)
+
+    def on_chunk_complete(self) -> None:
+        self._progress += 1
 
     def on_message_complete(self) -> None:
         if self._synthetic:
@@ -535,8 +564,11 @@ class Connection(asyncio.Protocol):
 
     def _malformed(self, kind: str) -> None:
         self._stop()  # nothing after a malformed request can be trusted
-        if self._body is not None:
-            self._body.fail(ClientGone("the request was malformed"))
+        if self._body is not None and not self._body.complete:
+            # the request was handed over already: it is answered (or cut) by whoever reads
+            # its body, and no other answer follows
+            self._body.fail(BadFraming(kind))
+            return
         self._enqueue(Malformed(kind))
 
     def _failed(self, exc: Exception) -> None:
@@ -550,7 +582,6 @@ class Connection(asyncio.Protocol):
 
     def _stop(self) -> None:
         self._reading = Reading.STOPPED
-        self._line = b""
 
     async def _serve(self) -> None:
         handler = self.server.handler
@@ -627,6 +658,9 @@ class Connection(asyncio.Protocol):
                     if keep and dropped > DISCARD_LIMIT and transport is not None and transport.can_write_eof():
                         keep = False
                         transport.write_eof()
+        except BadFraming:
+            await self._linger()  # the client may still be sending the broken body
+            return False
         except (Exception, TimeoutError):
             return False
         return keep
