@@ -116,7 +116,7 @@ class Request:
                  "_index", "_conn", "_started", "_done", "_chunked", "_continued")
 
     def __init__(self, conn: Connection, method: str, target: str, version: str, headers: Headers,
-                 index: dict[bytes, bytes], body: Body | None, keep_alive: bool) -> None:
+                 index: dict[bytes, bytes], body: Body | None, keep_alive: bool, length: int | None = None) -> None:
         self.method = method
         self.target = target  # as received, bytes 0x80-0xFF percent-encoded
         self.version = version  # "1.0", "1.1"
@@ -124,7 +124,7 @@ class Request:
         self.body = body  # None when the request has none
         self.remote = conn.remote
         self.keep_alive = keep_alive
-        self.content_length = content_length(index.get(b"content-length"))
+        self.content_length = length  # as declared; None when chunked or absent
         self._index = index
         self._conn = conn
         self._started = False
@@ -245,7 +245,7 @@ class Connection(asyncio.Protocol):
         self.drain = Drain(self._loop)
         self._parser = httptools.HttpRequestParser(self)
         self._reading = Reading.START
-        self._line_start = b""  # the first bytes of the request line being read
+        self._line_start = b""  # the bytes that began the request line being read
         self._tail = b""  # the last bytes of the head fed so far (its end may straddle reads)
         self._head_size = 0
         self._remaining = 0  # of a body of known length
@@ -312,7 +312,7 @@ class Connection(asyncio.Protocol):
                 self._failed(cause if isinstance(cause, Exception) else exc)
         except httptools.HttpParserInvalidMethodError:
             # llhttp knows no TRACK, which echoes like TRACE: refused the same way
-            self._malformed("method_not_allowed" if self._line_start == b"TRACK " else "invalid_method")
+            self._malformed("method_not_allowed" if self._line_start.startswith(b"TRACK ") else "invalid_method")
         except httptools.HttpParserInvalidURLError:
             self._malformed("invalid_target")
         except httptools.HttpParserError:
@@ -366,9 +366,9 @@ class Connection(asyncio.Protocol):
                 if not data:
                     return
                 self._head_size = 0
-                self._line_start = data[:6]
+                self._line_start = data
                 nl = data.find(b"\n")
-                if nl < 0 or not data[:nl].isascii():
+                if nl < 0 or not (data.isascii() or data[:nl].isascii()):
                     self._reading = Reading.LINE  # the line in pieces, or with bytes to encode
                     continue
                 # most requests: the whole head at hand, fed at once
@@ -500,6 +500,7 @@ class Connection(asyncio.Protocol):
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive()
         reading, length = Reading.START, 0
+        declared: int | None = None
         if b"transfer-encoding" in index:
             # only `chunked`, once, on HTTP/1.1 (RFC 9112 §6.1): any other coding would reach
             # the partner API decoded differently from how it was framed here
@@ -521,12 +522,12 @@ class Connection(asyncio.Protocol):
         if method == "CONNECT":
             keep_alive = False
             self._upgrade_framing = None
-        elif parser.should_upgrade():
+        elif b"upgrade" in index and parser.should_upgrade():
             self._upgrade_framing = (reading, length)
         self._last = not keep_alive
         target = self._url.decode("ascii", "surrogateescape")
         request = Request(self, method, target, version, self._headers, index, body,
-                          keep_alive and self.state is not State.CLOSING)
+                          keep_alive and self.state is not State.CLOSING, declared)
         self._reading = reading if reading is not Reading.START else Reading.HEAD
         self._remaining = length
         self._enqueue(request)
