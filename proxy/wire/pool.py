@@ -261,7 +261,9 @@ class Pool:
                 if not chunk:
                     continue
                 if chunked:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                    # one write: writelines does not pause the protocol on some CPython
+                    # releases (gh-127655), and the write timeout would never start
+                    transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 else:
                     transport.write(chunk)
                 if drain.paused:

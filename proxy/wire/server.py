@@ -186,7 +186,10 @@ class Request:
             return
         conn = self._conn
         if self._chunked:
-            conn.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            # one write, not writelines: asyncio's writelines on 3.12.0-3.12.8 and 3.13.0-3.13.1
+            # never pauses the protocol (CPython gh-127655), so a client that reads nothing
+            # would never slow us down
+            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         else:
             conn.write(chunk)
         if conn.drain.paused:
@@ -742,10 +745,6 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
-
-    def writelines(self, data: tuple[bytes, ...]) -> None:
-        if self.transport is not None:
-            self.transport.writelines(data)
 
     def abort(self) -> None:
         if self.transport is not None:
