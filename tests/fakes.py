@@ -159,13 +159,29 @@ def reset() -> Fault:
 
 
 class FakeClock:
-    """monotonic(), time() and sleep() driven by `advance()`; no real waiting."""
+    """monotonic(), time() and sleep() driven by the test; no real waiting.
+
+    `step()` moves time on and returns once every sleeper it woke has parked on the clock again
+    (`sleep()` called anew), which the token refresher does after each wake-up whatever it led
+    to (a renewal, a failure and its backoff, or nothing yet): a signal, not a count of loop
+    turns. When a wake-up is expected to block elsewhere instead (a fetch held open), `move()`
+    wakes the sleepers without waiting and the test waits on that other thing. `mark = parks`
+    then `wait_parked(mark)` waits for the next park after something else woke the refresher.
+    `advance()`, for a clock that drives a running refresher (the proxy's), first waits until
+    something sleeps on the clock (the refresher may still be on its way there), then steps.
+    """
+
+    #: real seconds to wait for a sleeper to park before failing the test
+    PARK_TIMEOUT = 10.0
 
     def __init__(self) -> None:
         self.now = 1000.0
         self._wall_offset = 1_790_000_000.0 - self.now
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        #: `sleep()` calls so far: mark it, then `wait_parked(mark)` for the next one
+        self.parks = 0
+        self._parked = asyncio.Event()  # set, and replaced, at every sleep()
 
     def monotonic(self) -> float:
         return self.now
@@ -176,18 +192,55 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self.now + seconds, next(self._seq), fut))
+        self.parks += 1
+        self._parked.set()
+        self._parked = asyncio.Event()
         await fut
 
-    async def advance(self, seconds: float) -> None:
+    def move(self, seconds: float) -> int:
+        """Move time on and wake every sleeper now due, without waiting; how many woke."""
         self.now += seconds
+        woken = 0
         while self._sleepers and self._sleepers[0][0] <= self.now:
             _, _, fut = heapq.heappop(self._sleepers)
             if not fut.done():
                 fut.set_result(None)
-        await settle()
+                woken += 1
+        return woken
+
+    async def step(self, seconds: float) -> None:
+        """Move time on, wake every sleeper now due, and wait until each has parked again."""
+        mark = self.parks
+        woken = self.move(seconds)
+        while woken:
+            await self.wait_parked(mark, woken)
+            mark = self.parks
+            woken = self.move(0)  # one that parked with a deadline already due
+
+    async def advance(self, seconds: float) -> None:
+        """Wait until a sleeper is parked on the clock (a refresher that just got its token, or
+        just failed, parks a moment later), then `step()`."""
+        await self._until(lambda: any(not fut.done() for _, _, fut in self._sleepers), "nothing parked")
+        await self.step(seconds)
+
+    async def wait_parked(self, mark: int, count: int = 1) -> None:
+        """Wait until `sleep()` has been called `count` times since `parks` was `mark`."""
+        await self._until(lambda: self.parks >= mark + count, f"{count} sleeper(s) did not park")
+
+    async def _until(self, parked: Callable[[], bool], failure: str) -> None:
+        """Wait until `parked()`, checked again at every `sleep()`: the only way it changes."""
+        try:
+            async with asyncio.timeout(self.PARK_TIMEOUT):
+                while not parked():
+                    await self._parked.wait()
+        except TimeoutError:
+            raise AssertionError(f"{failure} on the fake clock within {self.PARK_TIMEOUT:g} s") from None
 
 
 async def settle(rounds: int = 30) -> None:
-    """Let every ready task run (one loop iteration per round)."""
+    """Let ready tasks run for `rounds` loop iterations. This counts loop turns, which differ
+    between Python versions and event loops: a test should wait on what it expects instead (an
+    event, a task, `FakeClock.step` or `FakeClock.wait_parked`). Kept only for the tests
+    that still call it."""
     for _ in range(rounds):
         await asyncio.sleep(0)

@@ -1,4 +1,6 @@
-"""The token cache, on an injected clock: no real waiting anywhere."""
+"""The token cache, on an injected clock: no real waiting anywhere, and no counting of event-loop
+turns either: a test waits for the refresher to park on the clock again (`FakeClock.step`,
+`FakeClock.wait_parked`) or for a fetch to be held open (`ScriptedSource.held`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 
 from proxy.errors import AuthUnreachable, BadAuthResponse, CredentialsRejected, RateLimited, TokenUnavailable
 from proxy.tokens import Grant, TokenCache
-from tests.fakes import FakeClock, settle
+from tests.fakes import FakeClock
 
 
 class ScriptedSource:
@@ -20,10 +22,12 @@ class ScriptedSource:
         self.lifetime = lifetime
         self.failures: list[Exception] = []
         self.gate: asyncio.Event | None = None
+        self.held = asyncio.Event()  # set once a call waits at the gate
 
     async def fetch(self) -> Grant:
         self.calls += 1
         if self.gate is not None:
+            self.held.set()
             await self.gate.wait()
         if self.failures:
             raise self.failures.pop(0)
@@ -45,11 +49,17 @@ def make_cache(source: ScriptedSource, clock: FakeClock, **kw: float) -> TokenCa
     return TokenCache(source, clock=clock, rand=lambda: 0.5, **args)
 
 
+async def held(source: ScriptedSource) -> None:
+    """Wait until a fetch is under way and held at the source's gate."""
+    await asyncio.wait_for(source.held.wait(), FakeClock.PARK_TIMEOUT)
+
+
 @pytest.fixture
 async def running(source: ScriptedSource, clock: FakeClock) -> AsyncIterator[TokenCache]:
     cache = make_cache(source, clock)
+    mark = clock.parks
     task = asyncio.create_task(cache.run())
-    await settle()
+    await clock.wait_parked(mark)  # the first token is in, the refresher asleep until its renewal
     yield cache
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -60,7 +70,7 @@ async def test_concurrent_gets_share_one_fetch(source: ScriptedSource, clock: Fa
     cache = make_cache(source, clock)
     source.gate = asyncio.Event()
     waiters = [asyncio.create_task(cache.get()) for _ in range(25)]
-    await settle()
+    await held(source)
     source.gate.set()
     tokens = await asyncio.gather(*waiters)
     assert source.calls == 1
@@ -73,7 +83,7 @@ async def test_waiters_share_a_failure(source: ScriptedSource, clock: FakeClock)
     source.gate = asyncio.Event()
     source.failures = [AuthUnreachable("down")]
     waiters = [asyncio.create_task(cache.get()) for _ in range(5)]
-    await settle()
+    await held(source)
     source.gate.set()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, TokenUnavailable) for r in results)
@@ -85,50 +95,53 @@ async def test_valid_token_is_returned_without_a_call(source: ScriptedSource, cl
     first = await cache.get()
     for _ in range(100):
         assert await cache.get() is first
-    await clock.advance(99)
+    await clock.step(99)
     assert await cache.get() is first
     assert source.calls == 1
 
 
 async def test_refresher_renews_margin_seconds_before_expiry(running: TokenCache, source: ScriptedSource, clock: FakeClock) -> None:
     source.lifetime = 3600
+    mark = clock.parks
     running.invalidate(running.current)  # type: ignore[arg-type]
-    await settle()
+    await clock.wait_parked(mark)  # renewed, asleep again
     assert running.current is not None and running.current.lifetime == 3600
     calls = source.calls
-    await clock.advance(3600 - 60 - 1)
+    await clock.step(3600 - 60 - 1)
     assert source.calls == calls  # not yet
-    await clock.advance(1)
+    await clock.step(1)
     assert source.calls == calls + 1
 
 
 async def test_margin_is_clamped_to_half_the_lifetime(running: TokenCache, source: ScriptedSource, clock: FakeClock) -> None:
     # lifetime 100, margin 60 -> refresh at 50 s, not at 40 s
     assert source.calls == 1
-    await clock.advance(49)
+    await clock.step(49)
     assert source.calls == 1
-    await clock.advance(1)
+    await clock.step(1)
     assert source.calls == 2
 
 
 async def test_requests_never_wait_for_a_refresh_while_the_token_is_valid(running: TokenCache, source: ScriptedSource, clock: FakeClock) -> None:
     source.gate = asyncio.Event()
-    await clock.advance(50)  # refresh starts and hangs
+    clock.move(50)  # refresh starts and hangs
+    await held(source)
     assert source.calls == 2
     token = await asyncio.wait_for(running.get(), 0.5)  # answered at once
     assert token.generation == 1
+    mark = clock.parks
     source.gate.set()
-    await settle()
+    await clock.wait_parked(mark)  # the refresh is in, the refresher asleep again
     assert (await running.get()).generation == 2
 
 
 async def test_failed_refresh_keeps_the_token_until_real_expiry(running: TokenCache, source: ScriptedSource, clock: FakeClock) -> None:
     source.failures = [AuthUnreachable("down")] * 50
-    await clock.advance(50)  # refresh fails
+    await clock.step(50)  # refresh fails
     assert running.last_error == "auth_unreachable"
-    await clock.advance(49.9)
+    await clock.step(49.9)
     assert (await running.get()).generation == 1
-    await clock.advance(0.2)  # expired now
+    await clock.step(0.2)  # expired now
     with pytest.raises(TokenUnavailable):
         await running.get()
 
@@ -145,14 +158,15 @@ async def test_backoff_doubles_with_jitter_never_above_the_cap(source: ScriptedS
 
 
 async def test_refresher_retries_with_backoff(running: TokenCache, source: ScriptedSource, clock: FakeClock) -> None:
+    mark = clock.parks
     running.invalidate(running.current)  # type: ignore[arg-type]
     source.failures = [AuthUnreachable("down")] * 4
-    await settle()
+    await clock.wait_parked(mark)  # the first retry failed; backing off
     # rand=0.5 -> delays 0.75, 1.5, 3, 6
     calls = []
     for step in (0.75, 1.5, 3, 6):
         calls.append(source.calls)
-        await clock.advance(step)
+        await clock.step(step)
     assert calls == [2, 3, 4, 5]
     assert source.calls == 6
     assert running.current is not None and running.last_error is None
@@ -170,7 +184,7 @@ async def test_during_backoff_get_fails_at_once_and_starts_nothing(source: Scrip
     assert source.calls == 1
     assert 1 <= again.value.retry_after <= 10
     assert first.value.retry_after >= 1
-    await clock.advance(10)
+    await clock.step(10)
     assert (await cache.get()).value == "token-2"
 
 
@@ -180,11 +194,11 @@ async def test_retry_after_of_a_429_is_honoured(source: ScriptedSource, clock: F
     with pytest.raises(TokenUnavailable) as err:
         await cache.get()
     assert err.value.retry_after == 30
-    await clock.advance(29)
+    await clock.step(29)
     with pytest.raises(TokenUnavailable):
         await cache.get()
     assert source.calls == 1
-    await clock.advance(1)
+    await clock.step(1)
     await cache.get()
     assert source.calls == 2
 
@@ -216,7 +230,7 @@ async def test_fetch_counts_by_result(source: ScriptedSource, clock: FakeClock) 
     for _ in range(2):
         with pytest.raises(TokenUnavailable):
             await cache.get()
-        await clock.advance(1)
+        await clock.step(1)
     await cache.get()
     assert dict(cache.fetches) == {"rejected": 1, "error": 1, "success": 1}
 
@@ -235,7 +249,7 @@ async def test_cancelling_the_refresher_ends_it_even_as_a_fetch_completes(source
     cache = make_cache(source, clock)
     source.gate = asyncio.Event()
     refresher = asyncio.create_task(cache.run())
-    await settle()  # the refresher's first fetch is in flight, held open
+    await held(source)  # the refresher's first fetch is in flight, held open
     assert source.calls == 1
     source.gate.set()  # the fetch completes in the same loop turn as the cancel
     refresher.cancel()
