@@ -11,8 +11,9 @@ Per request:
 4. stream the response back chunk by chunk. Once it has started, an upstream failure can
    only abort the client's connection: a cut-short body is never passed off as complete.
 
-Every failure of the wire (`proxy.wire.errors`) becomes one of the proxy's own errors in
-`_wire_error`, the one error path; anything else is a bug, answered 500 by the listener.
+Every failure of the wire (`proxy.wire.errors`) reaches `__call__` and becomes one of the
+proxy's own errors in `_wire_error`, the one error path (once an answer has started, the
+connection is cut instead); anything else is a bug, answered 500 by the listener.
 """
 
 from __future__ import annotations
@@ -159,15 +160,16 @@ class Forwarder:
         try:
             try:
                 await self._forward(request, request_id, outcome)
-            except ProxyError as exc:
-                if request.answered:  # too late for an error answer: cut the connection
-                    request.abort()
-                else:
-                    send_error(request, exc, request_id)
-                outcome.status = exc.status
             except wire.ClientGone:
                 outcome.status = CLIENT_CLOSED  # gone while its body or answer was on the way
                 request.abort()
+            except (ProxyError, wire.WireError) as exc:
+                error = exc if isinstance(exc, ProxyError) else self._wire_error(exc, request_id)
+                if request.answered:  # too late for an error answer: cut the connection
+                    request.abort()
+                else:
+                    send_error(request, error, request_id)
+                outcome.status = error.status
         except asyncio.CancelledError:
             outcome.status = CLIENT_CLOSED
             raise
@@ -191,6 +193,18 @@ class Forwarder:
         error = self._refusal(kind, request_id)
         self._stats.count_response("other", error.status)
         send_error(request, error, request_id)
+
+    def _wire_error(self, exc: wire.WireError, request_id: str) -> ProxyError:
+        """The one place that turns a failure on the wire into the proxy's error."""
+        if isinstance(exc, wire.BodyTimeout):
+            return RequestTimeout(f"no byte of the request body for {self._body_timeout:g} s")
+        if isinstance(exc, wire.BadFraming):  # the app's body turned out malformed
+            return self._refusal(exc.kind, request_id)
+        if isinstance(exc, wire.OriginTimeout):
+            return UpstreamTimeout("the partner API did not answer in time")
+        if isinstance(exc, wire.ConnectFailed):
+            return UpstreamUnreachable("cannot connect to the partner API")
+        return UpstreamUnreachable("the connection to the partner API failed")
 
     @staticmethod
     def _refusal(kind: str, request_id: str) -> ProxyError:
@@ -276,25 +290,20 @@ class Forwarder:
             # the client holds its body back until told to go on (RFC 9110 §10.1.1); .NET's
             # HttpWebRequest does this for every POST. Said only once the request is admitted.
             request.send_continue()
-        try:
-            if length is not None and length <= self._replay_limit:
-                # most bodies came in with the headers: no need to wait for them
-                body.data = content.read_nowait() if content.complete else await content.read_all()
-                return body
-            prefix = bytearray()
-            if length is None:  # chunked: keep what fits in the replay buffer, stream the rest
-                while len(prefix) <= self._replay_limit:
-                    chunk = await content.read_chunk()
-                    if not chunk:
-                        body.data = bytes(prefix)
-                        return body
-                    prefix += chunk
-                    if len(prefix) > self._max_body:
-                        raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
-        except wire.BodyTimeout as exc:
-            raise RequestTimeout(f"no byte of the request body for {self._body_timeout:g} s") from exc
-        except wire.BadFraming as exc:
-            raise self._refusal(exc.kind, self._new_id()) from exc
+        if length is not None and length <= self._replay_limit:
+            # most bodies came in with the headers: no need to wait for them
+            body.data = content.read_nowait() if content.complete else await content.read_all()
+            return body
+        prefix = bytearray()
+        if length is None:  # chunked: keep what fits in the replay buffer, stream the rest
+            while len(prefix) <= self._replay_limit:
+                chunk = await content.read_chunk()
+                if not chunk:
+                    body.data = bytes(prefix)
+                    return body
+                prefix += chunk
+                if len(prefix) > self._max_body:
+                    raise BodyTooLarge(f"the request body is over {self._max_body} bytes")
         body.replayable = False
         body.length = length
         body.data = self._stream_body(content, bytes(prefix), body)
@@ -318,14 +327,10 @@ class Forwarder:
         try:
             # redirects are never followed: they go back to the client, the token stays here
             return await self._upstream.send(request.method, target, headers, body.data, body.length)
-        except (BodyTooLarge, wire.ClientGone):
-            raise
-        except wire.BadFraming as exc:  # the body streamed upstream turned out malformed
-            raise self._refusal(exc.kind, request_id) from exc
         except wire.WireError as exc:
-            if body.too_large:
+            if body.too_large:  # the pool cut the body at the limit: that is the answer
                 raise BodyTooLarge(f"the request body is over {self._max_body} bytes") from exc
-            raise _wire_error(exc, self._body_timeout) from exc
+            raise
         finally:
             self._stats.observe_upstream(time.perf_counter() - started)
 
@@ -351,18 +356,17 @@ class Forwarder:
             request.start(upstream.status, headers, length, reason=upstream.reason or None, dated=dated)
             request.end()
             return
-        try:
-            first = content.read_nowait()  # what came with the headers goes out with them
-        except wire.OriginError as exc:
-            raise _wire_error(exc, self._body_timeout) from exc
+        first = content.read_nowait()  # what came with the headers goes out with them
         request.start(upstream.status, headers, upstream.content_length, first, reason=upstream.reason or None, dated=dated)
         try:
             while chunk := await content.read_chunk():
                 await request.write(chunk)
-        except wire.OriginError as exc:
-            # the upstream failed mid-body: abort so the client cannot take a short body
-            # for a whole one (a clean end would look complete for a chunked response)
-            log.warning("upstream_aborted", error=type(exc).__name__, request_id=request_id)
+        except wire.WireError as exc:
+            # mid-body, the upstream failed, or the app's own upload did (broken chunks, a
+            # stall): abort, so the client cannot take a short body for a whole one (a clean
+            # end would look complete for a chunked response)
+            if isinstance(exc, wire.OriginError):
+                log.warning("upstream_aborted", error=type(exc).__name__, request_id=request_id)
             upstream.close()
             request.abort()
             return
@@ -391,12 +395,3 @@ async def _discard(response: Response) -> None:
         response.close()
 
 
-def _wire_error(exc: wire.WireError, body_timeout: float) -> ProxyError:
-    """The one place that turns a failure on the wire into the proxy's error."""
-    if isinstance(exc, wire.BodyTimeout):
-        return RequestTimeout(f"no byte of the request body for {body_timeout:g} s")
-    if isinstance(exc, wire.OriginTimeout):
-        return UpstreamTimeout("the partner API did not answer in time")
-    if isinstance(exc, wire.ConnectFailed):
-        return UpstreamUnreachable("cannot connect to the partner API")
-    return UpstreamUnreachable("the connection to the partner API failed")

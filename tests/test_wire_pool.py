@@ -569,7 +569,9 @@ async def test_a_pooled_connection_the_origin_closed_while_idle(origin: Origin, 
 
 @pytest.mark.parametrize(("how", "method", "make_body", "retried"), [
     ("close", "GET", lambda: None, True),
-    ("close", "POST", lambda: b"data", True),
+    # the origin read the POST before it closed: it may have acted on it, so it is not sent
+    # again (Go's http.Transport), only a request that was not written at all would be
+    ("close", "POST", lambda: b"data", False),
     ("reset", "GET", lambda: None, True),
     ("reset", "DELETE", lambda: None, True),
     ("reset", "POST", lambda: b"data", False),

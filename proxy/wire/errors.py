@@ -13,6 +13,7 @@
             │   ├── ReadTimeout           no byte of the answer for read_timeout
             │   └── WriteTimeout          the origin took no byte of the body for read_timeout
             ├── Disconnected          closed or reset before the answer ended
+            │   └── NotSent               closed before the request was written
             └── BadResponse           not valid HTTP/1.1, or a head over the size limit
 """
 
@@ -71,6 +72,10 @@ class Disconnected(OriginError):
     def __init__(self, message: str, *, reset: bool = False) -> None:
         super().__init__(message)
         self.reset = reset
+
+
+class NotSent(Disconnected):
+    pass
 
 
 class BadResponse(OriginError):

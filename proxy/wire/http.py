@@ -17,13 +17,22 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 #: once its reader has taken it below LOW_WATER
 HIGH_WATER = 2**18
 LOW_WATER = 2**16
-#: a writer waits for the socket to drain past this many unsent bytes
-WRITE_HIGH_WATER = 2**16
 #: the largest response head (status line and headers) the pool accepts (nginx: 4-8 KiB each
 #: buffer; partner APIs send far less)
 MAX_RESPONSE_HEAD = 2**16
 #: where a head ends (RFC 9112 §2.1; the parser takes no bare LF, so this is exact)
 HEAD_END = b"\r\n\r\n"
+
+
+def cut_at_head_end(tail: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """`data` split just after the first end of a head (`\r\n\r\n`), which may begin in
+    `tail`, the last bytes before it: (the piece up to it, or all of `data`; the rest; the new
+    tail, the piece's last three bytes)."""
+    probe = tail + data
+    end = probe.find(HEAD_END)
+    stop = len(probe) if end < 0 else end + 4
+    cut = stop - len(tail)
+    return data[:cut], data[cut:], probe[max(0, stop - 3):stop]
 
 
 def content_length(value: bytes | None) -> int | None:

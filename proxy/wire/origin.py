@@ -23,7 +23,7 @@ import enum
 import httptools
 
 from proxy.wire.errors import BadResponse, Disconnected, OriginError, ReadTimeout
-from proxy.wire.http import HEAD_END, MAX_RESPONSE_HEAD, NO_BODY, Headers
+from proxy.wire.http import MAX_RESPONSE_HEAD, NO_BODY, Headers, cut_at_head_end
 from proxy.wire.stream import Body, Drain
 
 
@@ -149,12 +149,7 @@ class OriginConnection(asyncio.Protocol):
                 phase = self.phase
                 if phase is Phase.HEAD and self._head_only:
                     # fed up to the head's end and no further: a HEAD's answer ends there
-                    probe = self._tail + data
-                    end = probe.find(HEAD_END)
-                    cut = len(data) if end < 0 else end + 4 - len(self._tail)
-                    piece, data = data[:cut], data[cut:]
-                    stop = len(probe) if end < 0 else end + 4
-                    self._tail = probe[max(0, stop - 3):stop]
+                    piece, data, self._tail = cut_at_head_end(self._tail, data)
                     self._guard_head(len(piece))
                     self._feeding = len(piece)
                     self._parser.feed_data(piece)

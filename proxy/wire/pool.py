@@ -12,21 +12,20 @@ Invariants:
 - a body write that the origin does not take for `read_timeout` fails with WriteTimeout;
 - a request whose pooled connection turns out to be closed by the origin before any answer
   (a keep-alive race) is sent again once, on a new connection, if its body can be re-sent
-  (after a reset rather than a clean close, only if its method is idempotent).
+  and either it was not written at all or its method is idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from proxy.wire.errors import ConnectFailed, ConnectTimeout, Disconnected, WriteTimeout
+from proxy.wire.errors import ConnectFailed, ConnectTimeout, Disconnected, NotSent, WriteTimeout
 from proxy.wire.http import IDEMPOTENT, Headers, content_length, find, render
 from proxy.wire.origin import Answer, OriginConnection
 from proxy.wire.stream import Body
@@ -67,7 +66,12 @@ class Response:
         if self._done:
             return
         self._done = True
-        reusable = self._keep and self._proto.finished and self._writer_done()
+        # kept only when read to the end (a body left unread may hold its socket's reading
+        # paused) and the request went out whole
+        reusable = (self._keep and self._proto.finished and (self.body is None or self.body.at_eof)
+                    and self._writer_done())
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()  # answered before the upload ended: the rest is not sent
         self._pool._give_back(self._proto, reusable)
 
     def close(self) -> None:
@@ -126,11 +130,7 @@ class Pool:
             raise ConnectTimeout(f"no connection to {self.host_header} within {self._connect_timeout:g} s") from None
         except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
             raise ConnectFailed(f"cannot connect to {self.host_header}: {exc.strerror or exc}") from exc
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return proto
+        return proto  # TCP_NODELAY is set by asyncio and uvloop alike
 
     def _take_idle(self) -> OriginConnection | None:
         now = time.monotonic()
@@ -193,12 +193,12 @@ class Pool:
                 return await self._exchange(proto, method, head, body, chunked)
             except Disconnected as exc:
                 # The origin closed a pooled connection as we reused it, before any byte of an
-                # answer: once more, on a new one. A clean close means it never took the
-                # request; a reset may come after it did, so only idempotent methods are sent
-                # again then (as Go's http.Transport does).
+                # answer (a keep-alive race): once more, on a new one, when the request was not
+                # written at all, or when it was and its method may be received twice (Go's
+                # http.Transport: a POST the origin may have taken is never sent again).
                 if not reused or proto.answered or not (body is None or isinstance(body, bytes)):
                     raise
-                if exc.reset and method not in IDEMPOTENT:
+                if not isinstance(exc, NotSent) and method not in IDEMPOTENT:
                     raise
                 proto = await self._connect()
                 return await self._exchange(proto, method, head, body, chunked)
@@ -227,7 +227,7 @@ class Pool:
                         chunked: bool) -> Response:
         transport = proto.transport
         if transport is None or transport.is_closing():
-            raise Disconnected("the origin closed the connection")
+            raise NotSent("the origin closed the connection before the request was written")
         answer = proto.expect(method)
         writer: asyncio.Task[None] | None = None
         try:

@@ -39,7 +39,7 @@ import httptools
 import structlog
 
 from proxy.wire.errors import BadFraming, ClientGone
-from proxy.wire.http import HEAD_END, HTTP_10, HTTP_11, NO_BODY, Headers, content_length, encode_high, render
+from proxy.wire.http import HEAD_END, HTTP_10, HTTP_11, NO_BODY, Headers, content_length, cut_at_head_end, encode_high, render
 from proxy.wire.stream import Body, Drain
 
 log = structlog.get_logger("proxy.wire")
@@ -263,6 +263,7 @@ class Connection(asyncio.Protocol):
         self._body: Body | None = None
         self._upgrade_framing: tuple[Reading, int] | None = None
         self._last = False  # no request may follow the one being parsed
+        self._raised: Exception | None = None  # what a parser callback raised
         # answering
         self._queue: deque[Request | Malformed | Failed] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -289,9 +290,6 @@ class Connection(asyncio.Protocol):
         try:
             peer = transport.get_extra_info("peername")
             self.remote = peer[0] if isinstance(peer, tuple) else None
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.server.connections.add(self)
             self._idle_since = self._loop.time()
             self._idle = self._loop.call_at(self._idle_since + self.server.idle_timeout, self._on_idle)
@@ -308,7 +306,8 @@ class Connection(asyncio.Protocol):
         except Malformed as exc:
             self._malformed(exc.kind)
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+            # what a callback raised: kept here, since httptools only chains it as __context__
+            cause, self._raised = self._raised or exc.__context__, None
             if isinstance(cause, Malformed):
                 self._malformed(cause.kind)
             else:
@@ -405,12 +404,7 @@ class Connection(asyncio.Protocol):
             else:
                 # the rest of a head, or chunked framing: each ends right after an empty line,
                 # so the parser is fed up to each one and no further
-                probe = self._tail + data
-                end = probe.find(HEAD_END)
-                cut = len(data) if end < 0 else end + 4 - len(self._tail)
-                piece, data = data[:cut], data[cut:]
-                stop = len(probe) if end < 0 else end + 4
-                self._tail = probe[max(0, stop - 3):stop]
+                piece, data, self._tail = cut_at_head_end(self._tail, data)
                 if reading is Reading.HEAD:
                     self._head_size += len(piece)
                     if self._head_size > limit:
@@ -451,9 +445,11 @@ class Connection(asyncio.Protocol):
             self._stop()
             return
         reading, length = framing
-        if reading is Reading.START:
-            return  # no body: the parser goes on with the next request
+        # a new parser, rather than the one that stopped: how a parser resumes after an
+        # upgrade is its own affair (httptools resumes it now, llhttp alone would not)
         self._parser = httptools.HttpRequestParser(self)
+        if reading is Reading.START:
+            return  # no body: the next bytes begin the next request
         self._synthetic = True
         head = (b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" if reading is Reading.CHUNKED
                 else b"PUT / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % length)
@@ -466,12 +462,18 @@ class Connection(asyncio.Protocol):
 
     # --- parser callbacks -----------------------------------------------------------------
 
+    def _reject(self, kind: str) -> Malformed:
+        """The error a callback raises for a request that cannot be read, kept for
+        data_received (the parser reports only that a callback failed)."""
+        self._raised = Malformed(kind)
+        return self._raised
+
     def on_message_begin(self) -> None:
         if self._synthetic:
             return
         if self._done or self._reading is not Reading.HEAD and self._reading is not Reading.LINE:
             # the parser sees a request where the framing here sees none: never forwarded
-            raise Malformed("invalid_framing")
+            raise self._reject("invalid_framing")
         self._quiet = 0
         self._url = b""
         self._headers = []
@@ -489,7 +491,7 @@ class Connection(asyncio.Protocol):
             # a trailer (RFC 9112 §7.1.2): counted, and dropped, as nginx does
             self._head_size += len(name) + len(value) + 4
             if self._head_size > self.server.max_head:
-                raise Malformed("headers_too_large")
+                raise self._reject("headers_too_large")
             return
         self._headers.append((name, value))
         self._index.setdefault(name.lower(), value)
@@ -509,12 +511,12 @@ class Connection(asyncio.Protocol):
             # the partner API decoded differently from how it was framed here
             codings = [v for n, v in self._headers if n.lower() == b"transfer-encoding"]
             if version != HTTP_11 or len(codings) != 1 or codings[0].strip().lower() != b"chunked":
-                raise Malformed("invalid_framing")
+                raise self._reject("invalid_framing")
             reading = Reading.CHUNKED
         elif b"content-length" in index:
             declared = content_length(index[b"content-length"])
             if declared is None:  # the parser took it; this framing must read it alike
-                raise Malformed("invalid_framing")
+                raise self._reject("invalid_framing")
             length = declared
             if length:
                 reading = Reading.LENGTH
@@ -580,8 +582,9 @@ class Connection(asyncio.Protocol):
         reads no more."""
         log.error("request_failed", error=type(exc).__name__, stage="parsing", exc_info=exc)
         self._stop()
-        if self._body is not None:
-            self._body.fail(ClientGone("the request could not be read"))
+        if self._body is not None and not self._body.complete:
+            self._body.fail(exc)  # handed over already: its reader meets the bug, and answers 500
+            return
         self._enqueue(Failed(exc))
 
     def _stop(self) -> None:
@@ -677,8 +680,7 @@ class Connection(asyncio.Protocol):
         if transport is None or not transport.can_write_eof():
             return
         self._stop()
-        self._pauses = 0
-        transport.resume_reading()
+        self._resume(self._pauses)  # read, and drop, whatever still comes
         transport.write_eof()
         self._waiter = self._loop.create_future()  # woken when the client closes too
         try:

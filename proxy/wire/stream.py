@@ -80,10 +80,6 @@ class Body:
         """Every byte is in (some may still be unread)."""
         return self._eof
 
-    @property
-    def failed(self) -> BaseException | None:
-        return self._exc
-
     def read_nowait(self) -> bytes:
         """Everything buffered now, maybe b"" (raises the failure when nothing is left)."""
         if not self._chunks:
