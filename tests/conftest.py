@@ -1,11 +1,15 @@
 """Fixtures shared by the tests: a fake Ndovu API on loopback, a proxy started in-process in
-front of it, and the captured log, checked after every test for leaked credentials."""
+front of it, and the captured log, checked after every test for leaked credentials.
+
+`NDOVU_TEST_LOOP=uvloop` runs every test on uvloop, the loop the container image uses (CI
+runs the suite both ways)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -17,6 +21,11 @@ from proxy.app import Proxy
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
 
 StartProxy = Callable[..., Awaitable[Proxy]]
+
+if os.environ.get("NDOVU_TEST_LOOP") == "uvloop":  # pytest-asyncio makes its loops from the policy
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture

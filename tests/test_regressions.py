@@ -195,37 +195,40 @@ class RawOrigin:
             self._server.close()
 
 
-class Deaf(asyncio.Protocol):
-    """An upstream connection that is accepted and never read from."""
-
-    def __init__(self, origin: DeafOrigin) -> None:
-        self._origin = origin
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self._origin.transports.append(transport)
-        self._origin.connected.set()
-
-
 class DeafOrigin:
+    """An upstream whose connections are accepted and never read from: plain sockets, so no
+    event loop reads them behind the test's back (uvloop ignores a pause_reading() made in
+    connection_made)."""
+
     def __init__(self) -> None:
-        self.transports: list[asyncio.Transport] = []
+        self.sockets: list[socket.socket] = []
         self.connected = asyncio.Event()
-        self._server: asyncio.Server | None = None
+        self._listener = socket.socket()
+        self._accepting: asyncio.Task[None] | None = None
         self.url = ""
 
     async def start(self) -> DeafOrigin:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Deaf(self), "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self._listener.setblocking(False)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._accepting = asyncio.create_task(self._accept())
         return self
 
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            self.sockets.append(conn)
+            self.connected.set()
+
     async def close(self) -> None:
-        for transport in self.transports:
-            transport.abort()
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        for conn in self.sockets:
+            conn.close()
+        self._listener.close()
 
 
 @pytest.fixture

@@ -186,9 +186,11 @@ async def test_a_pooled_connection_reset_before_any_answer_is_retried_only_when_
     import struct
 
     resets: list[str] = []
+    writers: list[asyncio.StreamWriter] = []
 
     async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answers the first request on a connection; resets the connection on the second."""
+        writers.append(writer)
         served = 0
         try:
             while True:
@@ -221,4 +223,6 @@ async def test_a_pooled_connection_reset_before_any_answer_is_retried_only_when_
         assert resets == [method]  # the reset happened on the reused connection, once
     finally:
         server.close()
+        for writer in writers:  # from 3.12 on, wait_closed waits for every connection too
+            writer.transport.abort()
         await server.wait_closed()
