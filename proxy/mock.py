@@ -134,9 +134,12 @@ class MockNdovu:
             return self._unauthorised()
         self.api_calls += 1
         digest, length = hashlib.sha256(), 0
-        async for chunk in request.content.iter_any():
-            digest.update(chunk)
-            length += len(chunk)
+        try:
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                length += len(chunk)
+        except ConnectionError:  # the caller gave up mid-upload: nobody to answer
+            raise web.HTTPBadRequest() from None
         return web.json_response(
             {
                 "method": request.method,

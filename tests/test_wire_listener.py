@@ -19,7 +19,8 @@ import pytest
 from proxy.wire import Listener, Request
 from proxy.wire.errors import BodyTimeout, ClientGone
 from proxy.wire.http import HIGH_WATER
-from proxy.wire.server import FIN_CHECK, MAX_PIPELINE
+from proxy.wire.listener import FIN_CHECK
+from proxy.wire.server import MAX_PIPELINE
 
 #: a generous upper bound for anything expected at once, or within a timeout below
 WAIT = 5.0

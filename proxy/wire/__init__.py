@@ -13,7 +13,9 @@ from __future__ import annotations
 from proxy.wire import errors
 from proxy.wire.http import HTTP_10, HTTP_11, NO_BODY, Headers
 from proxy.wire.pool import Pool, RequestBody, Response
-from proxy.wire.server import MALFORMED, Handler, Listener, Request
+from proxy.wire.listener import Handler, Listener
+from proxy.wire.request import Request
+from proxy.wire.server import MALFORMED
 from proxy.wire.stream import Body
 
 __all__ = ["HTTP_10", "HTTP_11", "MALFORMED", "NO_BODY", "Body", "Handler", "Headers", "Listener", "Pool", "Request",

@@ -55,10 +55,3 @@ def find(headers: Headers, name: bytes) -> bytes | None:
         if len(key) == len(name) and key.lower() == name:
             return value
     return None
-
-
-def encode_high(line: bytes) -> bytes:
-    """`line` with its bytes 0x80-0xFF percent-encoded (RFC 3986 §2.1). Used on request lines:
-    clients such as curl send a UTF-8 query as they got it, and the parser takes only ASCII
-    targets. In a method or version the parser refuses the result as it would the byte."""
-    return b"".join([b"%%%02X" % c if c > 0x7F else bytes((c,)) for c in line])

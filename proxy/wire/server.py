@@ -1,4 +1,5 @@
-"""The server side: HTTP/1.1 on asyncio protocols and httptools' callback parser (llhttp).
+"""One client connection: HTTP/1.1 on an asyncio protocol and httptools' callback parser
+(llhttp). `proxy.wire.listener` accepts connections; `proxy.wire.request` answers requests.
 
 The parser is the judge of syntax; this module frames what it hands the parser, so that
 every request line reaches it whole and fixed (bytes 0x80-0xFF of the target
@@ -28,19 +29,20 @@ import asyncio
 import enum
 import socket
 import struct
-import time
 from collections import deque
-from collections.abc import Awaitable
-from email.utils import formatdate
-from http import HTTPStatus
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 import structlog
 
+from proxy.wire.chunks import ChunkScanner, TooLong
 from proxy.wire.errors import BadFraming, ClientGone
-from proxy.wire.http import HEAD_END, HTTP_10, HTTP_11, NO_BODY, Headers, content_length, cut_at_head_end, encode_high, render
+from proxy.wire.http import HEAD_END, HTTP_11, content_length, cut_at_head_end
+from proxy.wire.request import Request, State, encode_high
 from proxy.wire.stream import Body, Drain
+
+if TYPE_CHECKING:
+    from proxy.wire.listener import Listener
 
 log = structlog.get_logger("proxy.wire")
 
@@ -52,24 +54,14 @@ DISCARD_LIMIT = 2**16
 #: seconds a closing connection keeps reading what the client still sends, so that it reads
 #: the answer rather than a reset (nginx's lingering close)
 LINGER = 2.0
-#: seconds between looks for a FIN from clients whose reading is paused
-FIN_CHECK = 1.0
 _TCP_CLOSE_WAIT = 8  # tcp_states.h: the peer has sent its FIN
-_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+# why reading is paused, as bits
+_QUEUE_FULL = 1
+_BODY_FULL = 2
 
 #: what `malformed_request` reports; the proxy's own kinds, never the bytes
 MALFORMED = ("invalid_syntax", "invalid_method", "invalid_target", "invalid_framing", "headers_too_large",
              "method_not_allowed")
-
-
-class Handler(Protocol):
-    """What the listener hands requests to."""
-
-    def __call__(self, request: Request) -> Awaitable[None]: ...
-    def refuse(self, request: Request, kind: str) -> None:
-        """Answer a request that could not be read (`kind` is one of MALFORMED)."""
-    def fail(self, request: Request, exc: Exception) -> None:
-        """Answer (500) for a bug in the handler; called only if nothing was sent yet."""
 
 
 class Malformed(Exception):
@@ -100,142 +92,6 @@ class Reading(enum.Enum):
     STOPPED = "stopped"  # nothing more is parsed (malformed, CONNECT, closing)
 
 
-class State(enum.Enum):
-    """The connection as a whole."""
-
-    IDLE = "idle"  # no request being answered
-    ACTIVE = "active"  # a request is being answered
-    CLOSING = "closing"  # no request after the current one
-    CLOSED = "closed"
-
-
-class Request:
-    """One request as it came in, and the one way to answer it."""
-
-    __slots__ = ("method", "target", "version", "headers", "body", "remote", "keep_alive", "content_length",
-                 "_index", "_conn", "_started", "_done", "_chunked", "_continued")
-
-    def __init__(self, conn: Connection, method: str, target: str, version: str, headers: Headers,
-                 index: dict[bytes, bytes], body: Body | None, keep_alive: bool, length: int | None = None) -> None:
-        self.method = method
-        self.target = target  # as received, bytes 0x80-0xFF percent-encoded
-        self.version = version  # "1.0", "1.1"
-        self.headers = headers  # (name, value) bytes as received, in order; no trailers
-        self.body = body  # None when the request has none
-        self.remote = conn.remote
-        self.keep_alive = keep_alive
-        self.content_length = length  # as declared; None when chunked or absent
-        self._index = index
-        self._conn = conn
-        self._started = False
-        self._done = False
-        self._chunked = False
-        self._continued = False
-
-    def get(self, name: bytes) -> bytes | None:
-        """The first value of header `name` (lower case)."""
-        return self._index.get(name)
-
-    @property
-    def answered(self) -> bool:
-        """True once a response has started: from then on only `abort()` can signal a failure."""
-        return self._started
-
-    @property
-    def body_withheld(self) -> bool:
-        """The client waits for 100 Continue before it sends the body, and never got it."""
-        return (not self._continued and self.body is not None and not self.body.received
-                and self._index.get(b"expect", b"").lower() == b"100-continue")
-
-    # --- answering ------------------------------------------------------------------------
-
-    def send_continue(self) -> None:
-        """`100 Continue`: the client may send the body it held back (RFC 9110 §10.1.1)."""
-        self._continued = True
-        self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def respond(self, status: int, headers: Headers, body: bytes = b"", *, reason: bytes | None = None,
-                dated: bool = False) -> None:
-        """The whole response in one write. `headers` carry no framing: Content-Length is set
-        from `body`; Date too, unless `dated` (the headers have one)."""
-        bodiless = status in NO_BODY
-        head = self._head(status, reason, headers, None if bodiless else len(body), dated=dated)
-        self._conn.write(head if bodiless or self.method == "HEAD" or not body else head + body)
-        self._done = True
-
-    def start(self, status: int, headers: Headers, length: int | None, first: bytes = b"", *,
-              reason: bytes | None = None, dated: bool = False) -> None:
-        """Status line, headers, and `first`, the body bytes already at hand, in one write;
-        the rest follows with `write()` and `end()`. With no `length`, the body is chunked for
-        HTTP/1.1 clients and ends at close for HTTP/1.0."""
-        bodiless = self.method == "HEAD" or status in NO_BODY
-        if length is None and not bodiless:
-            if self.version == HTTP_11:
-                self._chunked = True
-            else:
-                self.keep_alive = False  # the body ends when the connection does
-        head = self._head(status, reason, headers, length, chunked=self._chunked, dated=dated)
-        if first and not bodiless:
-            head += b"%x\r\n%s\r\n" % (len(first), first) if self._chunked else first
-        self._conn.write(head)
-
-    async def write(self, chunk: bytes) -> None:
-        """More of the body. Raises ClientGone when the client is gone or takes no byte for
-        the body timeout (the connection is then cut)."""
-        if not chunk:
-            return
-        conn = self._conn
-        if self._chunked:
-            # one write, not writelines: asyncio's writelines on 3.12.0-3.12.8 and 3.13.0-3.13.1
-            # never pauses the protocol (CPython gh-127655), so a client that reads nothing
-            # would never slow us down
-            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        else:
-            conn.write(chunk)
-        if conn.drain.paused:
-            try:
-                await conn.drain.wait(conn.server.body_timeout)
-            except TimeoutError:
-                conn.abort()
-                raise ClientGone("the client took no byte of the answer in time") from None
-
-    def end(self) -> None:
-        if self._chunked:
-            self._conn.write(b"0\r\n\r\n")
-        self._done = True
-
-    def abort(self) -> None:
-        """Cut the connection: the client sees the response fail, not end."""
-        self.keep_alive = False
-        self._conn.abort()
-
-    def _head(self, status: int, reason: bytes | None, headers: Headers, length: int | None, *,
-              chunked: bool = False, dated: bool = False) -> bytes:
-        self._started = True
-        conn = self._conn
-        if conn.state is not State.ACTIVE or not (conn.reading_on or conn.queued):
-            self.keep_alive = False  # nothing more will be read, and nothing waits for an answer
-        elif self.body_withheld:
-            # answered before the body it held back: it will not come, so the connection
-            # cannot be reused, and the client is told so (RFC 9110 §10.1.1)
-            self.keep_alive = False
-        if chunked:
-            framing = b"Transfer-Encoding: chunked\r\n"
-        elif length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-        else:
-            framing = b""
-        if not self.keep_alive:
-            framing += b"Connection: close\r\n"
-        elif self.version == HTTP_10:
-            framing += b"Connection: keep-alive\r\n"
-        # a response forwarded without a Date gets one (RFC 9110 §6.6.1)
-        date = b"" if dated else conn.server.date_line()
-        if reason is None:
-            reason = _PHRASES.get(status, b"Unknown")
-        return b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (status, reason, render(headers), date, framing)
-
-
 class Connection(asyncio.Protocol):
     """One client connection: frames and parses requests, hands them to the handler in order."""
 
@@ -252,8 +108,8 @@ class Connection(asyncio.Protocol):
         self._tail = b""  # the last bytes of the head fed so far (its end may straddle reads)
         self._head_size = 0
         self._remaining = 0  # of a body of known length
-        self._quiet = 0  # chunked-body bytes fed with no progress: sizes, extensions, trailers
-        self._progress = 0  # body pieces and chunk ends seen
+        self._chunks: ChunkScanner | None = None  # measures a chunked body's end
+        self._pieces: list[bytes] = []  # body bytes parsed from the current read
         self._done = False  # the parser finished a message
         self._synthetic = False  # the parser is fed a made-up head to frame an upgrade request's body
         # the message being parsed
@@ -277,6 +133,13 @@ class Connection(asyncio.Protocol):
     def reading_on(self) -> bool:
         """More requests may follow on this connection."""
         return self._reading is not Reading.STOPPED
+
+    @property
+    def body_timeout(self) -> float:
+        return self.server.body_timeout
+
+    def date_line(self) -> bytes:
+        return self.server.date_line()
 
     @property
     def queued(self) -> bool:
@@ -303,6 +166,7 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._frame(data)
+            self._flush_body()
         except Malformed as exc:
             self._malformed(exc.kind)
         except httptools.HttpParserCallbackError as exc:
@@ -401,26 +265,24 @@ class Connection(asyncio.Protocol):
                 piece, data = data[:self._remaining], data[self._remaining:]
                 self._remaining -= len(piece)
                 self._parser.feed_data(piece)
-            else:
-                # the rest of a head, or chunked framing: each ends right after an empty line,
-                # so the parser is fed up to each one and no further
+            elif reading is Reading.HEAD:
+                # the rest of a head: fed up to its end and no further
                 piece, data, self._tail = cut_at_head_end(self._tail, data)
-                if reading is Reading.HEAD:
-                    self._head_size += len(piece)
-                    if self._head_size > limit:
-                        raise Malformed("headers_too_large")
-                    self._feed_head(piece)
-                else:
-                    progress = self._progress
-                    self._parser.feed_data(piece)
-                    if self._progress == progress:
-                        # neither a body byte nor a chunk's end: a size line, an extension or
-                        # trailers that go on; bounded like a head
-                        self._quiet += len(piece)
-                        if self._quiet > limit:
-                            raise Malformed("headers_too_large")
-                    else:
-                        self._quiet = 0
+                self._head_size += len(piece)
+                if self._head_size > limit:
+                    raise Malformed("headers_too_large")
+                self._feed_head(piece)
+            else:
+                # chunks: fed up to the end the scanner measures, and the parser must agree
+                assert self._chunks is not None
+                try:
+                    end = self._chunks.scan(data)
+                except TooLong:
+                    raise Malformed("headers_too_large") from None
+                piece, data = (data, b"") if end < 0 or end == len(data) else (data[:end], data[end:])
+                self._parser.feed_data(piece)
+                if self._done is (end < 0):
+                    raise Malformed("invalid_framing")
             if self._done:
                 self._done = False
                 if self._reading is not Reading.STOPPED:
@@ -458,7 +320,8 @@ class Connection(asyncio.Protocol):
         self._done = False
         self._reading = reading
         self._remaining = length
-        self._tail = b""
+        if reading is Reading.CHUNKED:
+            self._chunks = ChunkScanner(self.server.max_head)
 
     # --- parser callbacks -----------------------------------------------------------------
 
@@ -474,7 +337,6 @@ class Connection(asyncio.Protocol):
         if self._done or self._reading is not Reading.HEAD and self._reading is not Reading.LINE:
             # the parser sees a request where the framing here sees none: never forwarded
             raise self._reject("invalid_framing")
-        self._quiet = 0
         self._url = b""
         self._headers = []
         self._index = {}
@@ -535,15 +397,19 @@ class Connection(asyncio.Protocol):
                           keep_alive and self.state is not State.CLOSING, declared)
         self._reading = reading if reading is not Reading.START else Reading.HEAD
         self._remaining = length
+        if reading is Reading.CHUNKED:
+            self._chunks = ChunkScanner(self.server.max_head)
         self._enqueue(request)
 
     def on_body(self, data: bytes) -> None:
-        self._progress += 1
         if self._body is not None:
-            self._body.feed(data)
+            self._pieces.append(data)  # fed to the body once the read is parsed
 
-    def on_chunk_complete(self) -> None:
-        self._progress += 1
+    def _flush_body(self) -> None:
+        pieces = self._pieces
+        if pieces and self._body is not None:
+            self._body.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        pieces.clear()
 
     def on_message_complete(self) -> None:
         if self._synthetic:
@@ -551,6 +417,7 @@ class Connection(asyncio.Protocol):
         if self._upgrade_framing is not None and self._upgrade_framing[0] is not Reading.START:
             return  # an upgrade request's body is framed next, not ended
         if self._body is not None:
+            self._flush_body()
             self._body.end()
             self._body = None
         self._done = True
@@ -758,84 +625,3 @@ class Connection(asyncio.Protocol):
         if self._request is None and not self._queue and self.transport is not None:
             self.transport.close()
         self._wake()
-
-
-_QUEUE_FULL = 1
-_BODY_FULL = 2
-
-
-class Listener:
-    """A listening socket and its connections."""
-
-    def __init__(self, handler: Handler, *, idle_timeout: float, body_timeout: float,
-                 max_head: int = 2**16) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.handler = handler
-        self.idle_timeout = idle_timeout
-        self.body_timeout = body_timeout
-        self.max_head = max_head
-        self.connections: set[Connection] = set()
-        self.paused: set[Connection] = set()  # reading paused: watched for a FIN
-        self._watcher: asyncio.TimerHandle | None = None
-        self._server: asyncio.Server | None = None
-        self._date = b""
-        self._date_at = 0
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await self.loop.create_server(
-            lambda: Connection(self), host, port, reuse_address=True, backlog=1024,
-        )
-        name = self._server.sockets[0].getsockname()
-        return name[0], name[1]
-
-    def close(self) -> None:
-        """Refuse new connections; idle ones close now, busy ones after their response."""
-        if self._server is not None:
-            self._server.close()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
-        for conn in list(self.connections):
-            conn.shut()
-
-    async def drain(self, timeout: float) -> bool:
-        """Wait for open connections to finish, up to `timeout`; then cut what is left.
-        True if everything finished in time."""
-        tasks = {c._task for c in self.connections if c._task is not None}
-        if not tasks:
-            return True
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        for conn in list(self.connections):
-            conn.abort()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
-        return not pending
-
-    def watch(self, conn: Connection) -> None:
-        """Look for a FIN from `conn` while its reading is paused: the kernel holds it behind
-        the unread bytes, where `eof_received` cannot see it."""
-        self.paused.add(conn)
-        if self._watcher is None:
-            self._watcher = self.loop.call_later(FIN_CHECK, self._check_paused)
-
-    def _check_paused(self) -> None:
-        self._watcher = None
-        for conn in list(self.paused):
-            if conn.transport is None:
-                self.paused.discard(conn)
-            elif conn.peer_closed():
-                self.paused.discard(conn)
-                conn.abort()  # connection_lost cancels what works for it
-        if self.paused:
-            self._watcher = self.loop.call_later(FIN_CHECK, self._check_paused)
-
-    def date_line(self) -> bytes:
-        """`Date: ...\\r\\n`, formatted once a second (RFC 9110 §6.6.1)."""
-        now = int(time.time())
-        if now != self._date_at:
-            self._date_at = now
-            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
-        return self._date
-

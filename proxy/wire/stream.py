@@ -92,16 +92,15 @@ class Body:
         return data
 
     async def read_chunk(self) -> bytes:
-        """The next bytes as they came; b"" at the end."""
+        """Every byte buffered now, at least one, waiting if need be; b"" at the end. Pieces
+        fed one by one (many small chunks of a chunked upload) come out as one."""
         while not self._chunks:
             if self._exc is not None:
                 raise self._exc
             if self._eof:
                 return b""
             await self._wait()
-        data = self._chunks.popleft()
-        self._taken(len(data))
-        return data
+        return self.read_nowait()
 
     async def read_all(self) -> bytes:
         """The whole body, taken as it comes (so that reading never stays paused)."""

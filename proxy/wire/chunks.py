@@ -1,0 +1,89 @@
+"""Where a chunked body ends (RFC 9112 §7.1), measured ahead of the parser.
+
+The parser (llhttp) frames chunks and judges their syntax, but once a body ends it goes on
+with whatever follows in the same read as the next request, and it never says where that
+was. So the server measures the body with this scanner and feeds the parser up to the end
+and no further: the bytes after it are a new request line, read as one (fixed for 0x80-0xFF,
+counted against the head limit). The scanner reads only sizes and line ends; if it and the
+parser ever disagree about the end, the server refuses the request.
+
+Cost: a few steps a chunk, none a byte; a size line, an extension or a trailer line longer
+than `max_line` is refused (the parser would buffer a trailer line whole).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+#: what the parser takes as a chunk size: hex digits, at most 64 bits' worth
+_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: a size line without extensions
+_PLAIN = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
+
+
+class TooLong(Exception):
+    """A size line or trailer line over `max_line`."""
+
+
+class _At(enum.Enum):
+    SIZE = "size"  # a chunk-size line (and its extensions)
+    DATA = "data"  # chunk data
+    DATA_END = "data_end"  # the CRLF after chunk data
+    TRAILER = "trailer"  # a trailer line, or the empty line that ends the body
+
+
+class ChunkScanner:
+    __slots__ = ("_at", "_need", "_partial", "_max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self._at = _At.SIZE
+        self._need = 0  # data bytes, or CRLF bytes, still to come
+        self._partial = b""  # the start of a line that began in an earlier read
+        self._max_line = max_line
+
+    def scan(self, data: bytes) -> int:
+        """The offset in `data` just past the body's end, or -1 if it does not end in it. A
+        size line the parser will refuse is taken as the end, so that the parser is fed up to
+        it and refuses it there."""
+        pos, n = 0, len(data)
+        while pos < n:
+            at = self._at
+            if at is _At.DATA or at is _At.DATA_END:
+                take = min(self._need, n - pos)
+                pos += take
+                self._need -= take
+                if not self._need:
+                    if at is _At.DATA:
+                        self._at, self._need = _At.DATA_END, 2
+                    else:
+                        self._at = _At.SIZE
+                continue
+            if at is _At.SIZE and not self._partial:
+                # most chunks: a plain size line, then the data and its CRLF, all at hand
+                m = _PLAIN.match(data, pos)
+                if m is not None:
+                    length = int(m[1], 16)
+                    if length and m.end() + length + 2 <= n:
+                        pos = m.end() + length + 2  # the parser judges the CRLF
+                        continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._partial += data[pos:]
+                if len(self._partial) > self._max_line:
+                    raise TooLong()
+                return -1
+            line = self._partial + data[pos:nl] if self._partial else data[pos:nl]
+            self._partial = b""
+            if len(line) > self._max_line:
+                raise TooLong()
+            pos = nl + 1
+            if at is _At.SIZE:
+                size = line.split(b";", 1)[0].rstrip(b"\r")
+                if not _SIZE.fullmatch(size):
+                    return pos  # not a size: the parser refuses it
+                self._need = int(size, 16)
+                self._at = _At.DATA if self._need else _At.TRAILER
+            elif line in (b"", b"\r"):  # the empty line after the last chunk and its trailers
+                return pos
+        return -1
