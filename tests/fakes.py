@@ -237,10 +237,16 @@ class FakeClock:
             raise AssertionError(f"{failure} on the fake clock within {self.PARK_TIMEOUT:g} s") from None
 
 
-async def settle(rounds: int = 30) -> None:
-    """Let ready tasks run for `rounds` loop iterations. This counts loop turns, which differ
-    between Python versions and event loops: a test should wait on what it expects instead (an
-    event, a task, `FakeClock.step` or `FakeClock.wait_parked`). Kept only for the tests
-    that still call it."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0, step: float = 0.005) -> bool:
+    """Poll `condition` until it holds, for at most `timeout` real seconds; its last value.
+
+    Only for a state nothing can be awaited for (a counter, the set of tasks, a queue inside
+    the pool): wait on an event, a task, a response or the fake clock wherever there is one.
+    The short sleeps here only pace the polling; the test waits on the condition."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() >= deadline:
+            return condition()
+        await asyncio.sleep(step)
+    return True

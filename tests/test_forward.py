@@ -76,7 +76,10 @@ async def test_first_requests_share_the_first_fetch(start_proxy: StartProxy, fak
             return resp.status
 
     tasks = [asyncio.create_task(one()) for _ in range(10)]
-    await fakes.settle()
+    # every request is in and waits for a token (a request counts itself in flight, then asks
+    # for the token without a pause), while the first auth call is held at the gate
+    assert await fakes.eventually(lambda: proxy.stats.in_flight == 10 and len(fake.auth_log) >= 1), \
+        (proxy.stats.in_flight, len(fake.auth_log))
     fake.auth_gate.set()
     assert await asyncio.gather(*tasks) == [200] * 10
     assert fake.auth_calls == 1
@@ -640,8 +643,7 @@ async def test_client_disconnect_mid_download_cancels_the_upstream(
     writer.transport.abort()
     await asyncio.wait_for(upstream_done.wait(), 5)
     assert outcome == ["cut"]
-    await fakes.settle()
-    assert proxy.stats.in_flight == 0
+    assert await fakes.eventually(lambda: proxy.stats.in_flight == 0), f"in_flight stays {proxy.stats.in_flight}"
 
 
 async def test_proxy_listens_before_the_first_token(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:

@@ -3,8 +3,8 @@ and proxy/upstream.py on aiohttp internals). Each test runs the real proxy in fr
 upstream on loopback (the fake Ndovu API, or a raw asyncio server where the shape of the
 upstream's bytes matters) and talks to it over raw sockets.
 
-Self-contained on purpose: only `tests.conftest` and `tests.fakes` are used, so the file runs
-unchanged against the old code too.
+Each was run against the old code too (every one fails there); they use only
+`tests.conftest` and `tests.fakes`.
 """
 
 from __future__ import annotations
@@ -24,24 +24,13 @@ from aiohttp import web
 
 from proxy.app import Proxy
 from tests.conftest import StartProxy
-from tests.fakes import FakeNdovu
+from tests.fakes import FakeNdovu, eventually
 
 API = "/api/v3/partners"
 HTTP2_SETTINGS = "AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA"  # what Java's HttpClient sends
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
-    """Poll `condition` until it holds, for at most `timeout` seconds; its last value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() >= deadline:
-            return condition()
-        await asyncio.sleep(step)
-    return True
 
 
 class Answer:

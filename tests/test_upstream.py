@@ -159,14 +159,10 @@ async def test_a_request_that_gives_up_waiting_for_a_connection_leaks_no_slot(
     writer.write(f"GET {API}/gone HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
     pool = proxy.upstream
-
-    async def until(condition: Any) -> None:  # no event tells of a place in the pool's queue
-        while not condition():
-            await asyncio.sleep(0)
-
-    await asyncio.wait_for(until(lambda: pool._waiting), 5)  # noqa: SLF001 - the subject: queued for a slot
+    # no event tells of a place in the pool's queue: a bounded poll on it
+    assert await fakes.eventually(lambda: bool(pool._waiting))  # noqa: SLF001 - the subject: queued for a slot
     writer.transport.abort()
-    await asyncio.wait_for(until(lambda: pool._waiting[0].cancelled()), 5)  # noqa: SLF001 - it gave up
+    assert await fakes.eventually(lambda: pool._waiting[0].cancelled())  # noqa: SLF001 - it gave up
     gate.release.set()
     resp = await asyncio.wait_for(first, 5)
     assert resp.status == 200
