@@ -46,7 +46,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.headers import client_response_headers, upstream_request_headers
+from proxy.headers import client_response_headers, upstream_prefixes, upstream_request_headers
 from proxy.logs import AccessLog
 from proxy.metrics import Stats
 from proxy.tokens import Token
@@ -142,6 +142,7 @@ class Forwarder:
         self._replay_limit = fwd.replay_buffer_bytes if fwd.retry_on_401 else 0
         self._max_body = fwd.max_body_bytes
         self._body_timeout = settings.upstream.read_timeout
+        self._upstream_prefixes = upstream_prefixes(settings.upstream.url)
         self._access_log = access_log
         # request ids: unique, not secret; a random per-process prefix and a counter cost far
         # less than 16 random bytes a request
@@ -342,13 +343,13 @@ class Forwarder:
             return False
         data = content.read_nowait()
         upstream.release()
-        request.respond(upstream.status, self._response_headers(upstream, request_id, replayed), data,
+        request.respond(upstream.status, self._response_headers(request, upstream, request_id, replayed), data,
                         reason=upstream.reason or None, dated=upstream.get(b"date") is not None)
         return True
 
     async def _stream_back(self, request: Request, upstream: Response, request_id: str, replayed: bool) -> None:
         content = upstream.body
-        headers = self._response_headers(upstream, request_id, replayed)
+        headers = self._response_headers(request, upstream, request_id, replayed)
         dated = upstream.get(b"date") is not None
         if content is None:  # HEAD, 204, 304: the head says it all
             length = upstream.content_length if upstream.status not in NO_BODY else None
@@ -373,9 +374,10 @@ class Forwarder:
         upstream.release()
         request.end()
 
-    @staticmethod
-    def _response_headers(upstream: Response, request_id: str, replayed: bool) -> list[tuple[bytes, bytes]]:
-        headers = client_response_headers(upstream.headers, request_id=request_id.encode())
+    def _response_headers(self, request: Request, upstream: Response, request_id: str,
+                          replayed: bool) -> list[tuple[bytes, bytes]]:
+        headers = client_response_headers(upstream.headers, request_id=request_id.encode(),
+                                          prefixes=self._upstream_prefixes, host=request.get(b"host"))
         if replayed:
             headers.append(RETRIED)
         return headers

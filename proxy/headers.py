@@ -11,6 +11,7 @@ names and values pass byte for byte, and no header multidict is built per reques
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
 
 # RFC 9110 §7.6.1: Connection, and the headers it names, are for one hop only; so are the
 # older Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding and Upgrade (RFC 9110
@@ -91,9 +92,43 @@ def upstream_request_headers(raw: Headers, *, authorization: bytes, request_id: 
     return headers
 
 
-def client_response_headers(raw: Headers, *, request_id: bytes) -> list[tuple[bytes, bytes]]:
+#: headers that point at a resource, rewritten when they point at the upstream (RFC 9110 §10.2.2, §8.7)
+LOCATIONS = frozenset({b"location", b"content-location"})
+
+
+def upstream_prefixes(url: str) -> tuple[bytes, ...]:
+    """The spellings of `upstream.url` a Location may start with, lower case: the port given
+    or left out when it is the scheme's default."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    port = parts.port or default
+    base = parts.path.rstrip("/")
+    hosts = [f"{host}:{port}"] + ([host] if port == default else [])
+    return tuple(f"{parts.scheme}://{h}{base}".lower().encode() for h in hosts)
+
+
+def rebase(value: bytes, prefixes: tuple[bytes, ...], host: bytes) -> bytes:
+    """A Location on the upstream, pointed at the proxy instead (`http://` + the request's
+    Host), as nginx's `proxy_redirect default` does; relative ones and other hosts as they are."""
+    low = value.lower()
+    for prefix in prefixes:
+        if low.startswith(prefix) and (len(low) == len(prefix) or low[len(prefix)] in b"/?#"):
+            return b"http://" + host + value[len(prefix):]
+    return value
+
+
+def client_response_headers(raw: Headers, *, request_id: bytes, prefixes: tuple[bytes, ...] = (),
+                            host: bytes | None = None) -> list[tuple[bytes, bytes]]:
     """Headers for the answer to the app (no framing: the writer sets it). Content-Encoding
-    and everything else end-to-end pass untouched; trailers never get here."""
+    and everything else end-to-end pass untouched; trailers never get here. With `prefixes`
+    (from `upstream_prefixes`) and the request's `host`, a Location or Content-Location on the
+    upstream is rewritten to the proxy, so that following it keeps the token behind the proxy."""
     headers = _shape(raw, _RESPONSE_DROP)
+    if host and prefixes:
+        for i, (name, value) in enumerate(headers):
+            if name.lower() in LOCATIONS:
+                headers[i] = (name, rebase(value, prefixes, host))
     headers.append((b"X-Request-ID", request_id))
     return headers

@@ -289,6 +289,48 @@ async def test_redirects_go_back_to_the_client(start_proxy: StartProxy, fake: Fa
     assert fake.api_log == []  # /elsewhere was never asked for by the proxy
 
 
+@pytest.mark.parametrize(("location", "rewritten"), [
+    ("{up}/api/v3/partners/next?page=2", "http://{proxy}/api/v3/partners/next?page=2"),
+    ("{UP}/api/v3/partners/next", "http://{proxy}/api/v3/partners/next"),  # scheme and host in any case
+    ("{up}", "http://{proxy}"),
+    ("/api/v3/partners/relative", "/api/v3/partners/relative"),  # relative: as it is
+    ("https://elsewhere.example/api/v3/partners/x", "https://elsewhere.example/api/v3/partners/x"),
+    ("{up}0/api/v3/partners/x", "{up}0/api/v3/partners/x"),  # another port that starts alike
+], ids=["absolute", "case", "bare-origin", "relative", "other-host", "other-port"])
+async def test_a_location_on_the_upstream_points_back_at_the_proxy(
+    start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession, location: str, rewritten: str
+) -> None:
+    up = fake.url  # type: ignore[attr-defined]
+    sent = location.format(up=up, UP=up.upper())
+
+    async def moved(_request: web.Request) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": sent, "Content-Location": sent})
+
+    fake.api_faults["moved"] = moved
+    proxy = await start_proxy()
+    async with http.get(url(proxy, f"{API}/moved"), allow_redirects=False) as resp:
+        assert resp.status == 302
+        expected = rewritten.format(up=up, proxy=str(proxy.address))
+        # the app follows the redirect through the proxy, so the token stays behind it
+        assert resp.headers["Location"] == expected
+        assert resp.headers["Content-Location"] == expected
+
+
+async def test_a_location_under_the_base_path_of_upstream_url_loses_the_base_path(
+    start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession
+) -> None:
+    """upstream.url with a base path (a gateway mounting the API): the proxy adds the base
+    path to every request, so a Location under it comes back without it."""
+    async def moved(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=303, headers={"Location": f"{fake.url}/gw/api/v3/partners/done"})  # type: ignore[attr-defined]
+
+    fake.api_faults["gw/api/v3/partners/gwmoved"] = moved  # the fake sees the base path
+    proxy = await start_proxy({"upstream.url": f"{fake.url}/gw",  # type: ignore[attr-defined]
+                               "auth.token_path": f"{fake.url}/api/v3/partners/auth"})  # type: ignore[attr-defined]
+    async with http.get(url(proxy, f"{API}/gwmoved"), allow_redirects=False) as resp:
+        assert resp.headers["Location"] == f"http://{proxy.address}/api/v3/partners/done"
+
+
 ESCAPES = [
     "/admin",
     "/api/v3/partners/../../../admin",

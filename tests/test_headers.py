@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import HOP_BY_HOP, client_response_headers, connection_named, upstream_request_headers
+from proxy.headers import (
+    HOP_BY_HOP,
+    client_response_headers,
+    connection_named,
+    rebase,
+    upstream_prefixes,
+    upstream_request_headers,
+)
 
 
 def raw(*pairs: tuple[str, str]) -> tuple[tuple[bytes, bytes], ...]:
@@ -74,3 +81,20 @@ def test_shaping_properties(pairs: list[tuple[str, str]], named: list[str]) -> N
     assert out[:-2] == kept
     back = lines(client_response_headers(incoming, request_id=b"r"))
     assert not any(k.lower() in dropped or k.lower().startswith("proxy-") for k, _ in back)
+
+
+def test_upstream_prefixes_spell_the_default_port_both_ways() -> None:
+    assert upstream_prefixes("https://API.example") == (b"https://api.example:443", b"https://api.example")
+    assert upstream_prefixes("http://h:8081/gw/") == (b"http://h:8081/gw",)
+    assert upstream_prefixes("http://[::1]:80") == (b"http://[::1]:80", b"http://[::1]")
+
+
+def test_rebase_points_locations_on_the_upstream_at_the_proxy() -> None:
+    prefixes = upstream_prefixes("https://api.example/gw")
+    host = b"127.0.0.1:8080"
+    assert rebase(b"https://api.example/gw/a?b#c", prefixes, host) == b"http://127.0.0.1:8080/a?b#c"
+    assert rebase(b"https://api.example:443/gw", prefixes, host) == b"http://127.0.0.1:8080"
+    assert rebase(b"https://api.example/gwx/a", prefixes, host) == b"https://api.example/gwx/a"  # not under /gw
+    assert rebase(b"https://api.example.evil/gw/a", prefixes, host) == b"https://api.example.evil/gw/a"
+    assert rebase(b"http://api.example/gw/a", prefixes, host) == b"http://api.example/gw/a"  # another scheme
+    assert rebase(b"/gw/a", prefixes, host) == b"/gw/a"
