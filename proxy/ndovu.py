@@ -84,6 +84,7 @@ class NdovuAuth:
             "Accept": "application/json",
             "User-Agent": self._user_agent,
         }
+        started = time.perf_counter()
         try:
             async with self._session.post(
                 self._url,
@@ -97,7 +98,11 @@ class NdovuAuth:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.debug("auth_request", url=self._url, status=None, error=type(exc).__name__,
+                      duration_ms=round((time.perf_counter() - started) * 1000, 1))
             raise AuthUnreachable(f"{type(exc).__name__} talking to the auth endpoint") from exc
+        log.debug("auth_request", url=self._url, status=status,
+                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
         return self._grant(status, body, retry_after)
 
     def _grant(self, status: int, body: bytes, retry_after: str | None) -> Grant:

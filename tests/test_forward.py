@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 import os
 import socket
@@ -757,3 +758,21 @@ async def test_token_events_in_the_log(start_proxy: StartProxy, fake: FakeNdovu,
     acquired = next(e for e in events if e["event"] == "token_acquired")
     assert acquired["lifetime_s"] == 3600 and acquired["generation"] == 1
     assert proxy.tokens is not None and proxy.tokens.current is not None
+
+
+async def test_debug_level_shows_the_auth_call_and_upstream_connections_without_a_secret(
+    start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession, log_buffer: io.StringIO
+) -> None:
+    proxy = await start_proxy()  # logs at debug level into log_buffer
+    async with http.get(url(proxy, f"{API}/x")) as resp:
+        assert resp.status == 200
+    await proxy.stop()  # the pooled connection closes
+    events = [json.loads(line) for line in log_buffer.getvalue().splitlines() if line.startswith("{")]
+    auth = [e for e in events if e["event"] == "auth_request"]
+    assert auth and auth[0]["url"] == f"{fake.url}{API}/auth" and auth[0]["status"] == 200  # type: ignore[attr-defined]
+    assert isinstance(auth[0]["duration_ms"], float)
+    peer = fake.url.removeprefix("http://")  # type: ignore[attr-defined]
+    assert [e["peer"] for e in events if e["event"] == "upstream_connection_opened"] == [peer]
+    closed = [e for e in events if e["event"] == "upstream_connection_closed"]
+    assert [e["peer"] for e in closed] == [peer] and closed[0]["by"] == "proxy"
+    # the fixture checks after the test that no secret or token is anywhere in the log

@@ -17,14 +17,17 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import enum
+from typing import cast
 
 import httptools
+import structlog
 
 from proxy.wire.errors import BadResponse, Disconnected, OriginError, ReadTimeout
 from proxy.wire.http import MAX_RESPONSE_HEAD, NO_BODY, Headers, cut_at_head_end
 from proxy.wire.stream import Body, Drain
+
+log = structlog.get_logger("proxy.wire")
 
 
 class Phase(enum.Enum):
@@ -53,6 +56,7 @@ class OriginConnection(asyncio.Protocol):
         self._loop = loop
         self._read_timeout = read_timeout
         self.transport: asyncio.Transport | None = None
+        self._peer: str | None = None
         self.drain = Drain(loop)
         self.should_close = False
         self.answered = False  # a byte of the current exchange's answer has arrived
@@ -140,6 +144,9 @@ class OriginConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+        log.debug("upstream_connection_opened", peer=self._peer)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
@@ -194,6 +201,8 @@ class OriginConnection(asyncio.Protocol):
         self.drain.resume()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        log.debug("upstream_connection_closed", peer=self._peer, by="proxy" if self._ours else "upstream",
+                  error=type(exc).__name__ if exc is not None else None)
         self.should_close = True
         self.transport = None
         if self._timer is not None:
