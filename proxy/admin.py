@@ -51,6 +51,8 @@ class Admin:
 
     def __init__(self, tokens: TokenCache, stats: Stats) -> None:
         self._tokens = tokens
+        #: set from SIGTERM on: /readyz answers 503 "draining" so load balancers stop sending
+        self.draining = False
         self._exporter = Exporter(stats, tokens)
         self._routes: dict[str, Callable[[], Answer]] = {
             "/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics, "/tokenz": self.tokenz,
@@ -83,6 +85,8 @@ class Admin:
 
     def readyz(self) -> Answer:
         tokens = self._tokens
+        if self.draining:
+            return _json({"ready": False, "reason": "draining", "last_error": tokens.last_error}, 503)
         if tokens.valid_token() is not None:
             return _json({"ready": True})
         if tokens.current is None and tokens.last_error is None:

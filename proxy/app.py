@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import ssl
 from collections.abc import Callable
@@ -40,6 +41,19 @@ CLIENT_IDLE_TIMEOUT = 75.0
 ADMIN_BODY_TIMEOUT = 10.0
 #: seconds a scrape in flight at shutdown may take to finish
 ADMIN_DRAIN = 1.0
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x.x.x) and localhost: only this machine reaches it."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | bool:
@@ -103,6 +117,8 @@ class Proxy:
         self._refresher: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self._admin: Listener | None = None
+        self._admin_handler: Admin | None = None
+        self.draining = False
         self.address: Address | None = None
         self.admin_address: Address | None = None
 
@@ -133,7 +149,7 @@ class Proxy:
                                   max_head=s.limits.max_header_bytes)
         self.address = Address(*await self._listener.start(s.listen.host, s.listen.port))
         if s.admin_listen is not None:
-            admin = Admin(self.tokens, self.stats)
+            admin = self._admin_handler = Admin(self.tokens, self.stats)
             self._admin = Listener(admin, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=ADMIN_BODY_TIMEOUT)
             self.admin_address = Address(*await self._admin.start(s.admin_listen.host, s.admin_listen.port))
         log.info(
@@ -142,6 +158,14 @@ class Proxy:
             admin_address=str(self.admin_address) if self.admin_address else None,
             upstream=s.upstream.url,
         )
+        if not is_loopback(s.listen.host) and not s.forwarding.allowed_clients and s.forwarding.inbound_token is None:
+            log.warning(
+                "listen_unrestricted",
+                address=str(self.address),
+                risk=f"anyone who can reach {self.address} can call the partner API with these credentials",
+                fix="set forwarding.allowed_clients (CIDRs) and/or forwarding.inbound_token "
+                    "(apps send it in X-Proxy-Token), or listen on 127.0.0.1",
+            )
 
     async def reload(self) -> None:
         """SIGHUP: a token with the credentials as they now stand; the current one stays on failure."""
@@ -154,11 +178,22 @@ class Proxy:
         else:
             log.info("reload_done", generation=token.generation)
 
+    def begin_draining(self) -> None:
+        """From SIGTERM on: /readyz answers 503 "draining"; the listener still accepts (for
+        shutdown_delay, in `serve`) until `stop()` closes it."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._admin_handler is not None:
+            self._admin_handler.draining = True
+        log.info("shutting_down", in_flight=self.stats.in_flight, delay_s=self.settings.shutdown_delay,
+                 drain_timeout_s=self.settings.shutdown_timeout)
+
     async def stop(self) -> None:
         """Close the listeners at once, drain in-flight requests up to shutdown_timeout, then
         cut what is left."""
+        self.begin_draining()
         in_flight = self.stats.in_flight
-        log.info("shutting_down", in_flight=in_flight, drain_timeout_s=self.settings.shutdown_timeout)
         if self._listener is not None:
             self._listener.close()  # new connections refused, idle ones closed
             log.info("listener_closed", address=str(self.address))
@@ -185,7 +220,9 @@ class Proxy:
 
 
 async def serve(proxy: Proxy, *, started: Callable[[Proxy], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the token."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the token. After the signal, /readyz says
+    draining at once while the listener keeps accepting for shutdown_delay seconds (a second
+    signal cuts that short), so load balancers stop sending before it closes; then `stop()`."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
@@ -203,6 +240,11 @@ async def serve(proxy: Proxy, *, started: Callable[[Proxy], None] | None = None)
         if started is not None:
             started(proxy)
         await stop.wait()
+        proxy.begin_draining()
+        if proxy.settings.shutdown_delay > 0:
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), proxy.settings.shutdown_delay)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

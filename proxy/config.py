@@ -60,6 +60,7 @@ DEFAULTS: Mapping[str, Any] = {
     "logging.format": "auto",
     "logging.access_log": True,
     "shutdown_timeout": 20,
+    "shutdown_delay": 0,
 }
 SECTIONS = frozenset(k.split(".")[0] for k in DEFAULTS if "." in k)
 
@@ -150,6 +151,8 @@ class Settings:
     logging: LoggingSettings
     shutdown_timeout: float
     limits: LimitsSettings = LimitsSettings(max_header_bytes=65536)
+    #: seconds the listener keeps accepting after SIGTERM while /readyz already says draining
+    shutdown_delay: float = 0.0
     config_file: str | None = None
 
 
@@ -259,6 +262,9 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None) -> Settings:
     if backoff_max < backoff_initial:
         raise ConfigError("auth.backoff_max", "must be at least auth.backoff_initial")
     inbound = _opt_str(raw, "forwarding.inbound_token")
+    token_url = _token_url(raw, upstream_url)
+    allowed_paths = _paths(raw, "forwarding.allowed_paths")
+    _refuse_doubled_base_path(upstream_url, token_url, raw["auth.token_path"], allowed_paths)
     return Settings(
         listen=_address(raw, "listen"),
         admin_listen=_opt_address(raw, "admin_listen"),
@@ -271,7 +277,7 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None) -> Settings:
             max_connections=int(_number(raw, "upstream.max_connections", positive=True, integer=True)),
         ),
         auth=AuthSettings(
-            token_url=_token_url(raw, upstream_url),
+            token_url=token_url,
             client_id=client_id,
             client_secret=Secret(secret) if secret is not None else None,
             client_secret_file=secret_file,
@@ -284,7 +290,7 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None) -> Settings:
             retry_on_401=_bool(raw, "forwarding.retry_on_401"),
             replay_buffer_bytes=int(_number(raw, "forwarding.replay_buffer_bytes", integer=True)),
             max_body_bytes=int(_number(raw, "forwarding.max_body_bytes", integer=True)),
-            allowed_paths=_paths(raw, "forwarding.allowed_paths"),
+            allowed_paths=allowed_paths,
             allowed_clients=_networks(raw, "forwarding.allowed_clients"),
             inbound_token=Secret(inbound) if inbound is not None else None,
         ),
@@ -294,6 +300,7 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None) -> Settings:
             access_log=_bool(raw, "logging.access_log"),
         ),
         shutdown_timeout=_number(raw, "shutdown_timeout"),
+        shutdown_delay=_number(raw, "shutdown_delay"),
         limits=LimitsSettings(
             max_header_bytes=int(_number(raw, "limits.max_header_bytes", positive=True, integer=True)),
         ),
@@ -408,6 +415,41 @@ def _token_url(raw: Mapping[str, Any], upstream_url: str) -> str:
     if isinstance(value, str) and _is_http_url(value):
         return value
     raise ConfigError("auth.token_path", "expected a path starting with / or an http(s) URL")
+
+
+def _segments(path: str) -> list[str]:
+    return [seg for seg in path.split("/") if seg]
+
+
+def _refuse_doubled_base_path(
+    upstream_url: str, token_url: str, token_path: object, allowed_paths: tuple[str, ...]
+) -> None:
+    """A base path in upstream.url that ends, segment by segment, with the first two or more
+    segments of the token path or of an allowed_paths prefix is the API's own path given
+    twice (NDOVU_UPSTREAM_URL=http://host/api/v3/partners): every URL would hold it doubled.
+    One shared segment (`/gw/api` against `/api/v3/...`) is a plausible gateway prefix."""
+    parts = urlsplit(upstream_url)
+    base = _segments(parts.path)
+    if len(base) < 2:
+        return
+    # the token path first: it names the URL the user will recognise
+    token = [token_path] if isinstance(token_path, str) and token_path.startswith("/") else []
+    for candidate in (*token, *allowed_paths):
+        segs = _segments(candidate)
+        for k in range(min(len(base), len(segs)), 1, -1):
+            if base[-k:] != segs[:k]:
+                continue
+            doubled = "/" + "/".join(base[-k:])
+            keep = "/".join(base[:-k])
+            use = f"{parts.scheme}://{parts.netloc}" + (f"/{keep}" if keep else "")
+            whole = "/" + "/".join(base)
+            what = f"the base path {whole} would be doubled" if whole == doubled else (
+                f"the base path {whole} would double {doubled}")
+            if candidate in token:
+                result = f"the token URL would be {token_url}"
+            else:
+                result = f"a request to {candidate} would go to {upstream_url}{candidate}"
+            raise ConfigError("upstream.url", f"{what}: {result}; use {use}")
 
 
 def _list(raw: Mapping[str, Any], key: str) -> list[Any]:

@@ -161,3 +161,31 @@ async def test_admin_answers_only_what_it_has(start_proxy: StartProxy, http: aio
     writer.write(b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n")
     assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400 Bad Request\r\n")
     writer.close()
+
+
+async def test_readyz_says_draining_from_the_start_of_shutdown(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+    proxy = await start_proxy()
+    assert (await get_json(http, admin(proxy, "/readyz")))[0] == 200
+    proxy.begin_draining()  # what SIGTERM does first; the listener still accepts
+    status, body = await get_json(http, admin(proxy, "/readyz"))
+    assert status == 503
+    assert body == {"ready": False, "reason": "draining", "last_error": None}
+    async with http.get(url(proxy, f"{API}/x")) as resp:
+        assert resp.status == 200
+    assert (await get_json(http, admin(proxy, "/healthz")))[0] == 200
+
+
+async def test_readyz_says_draining_while_requests_drain(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:
+    gate = fakes.Gate("ok")
+    fake.api_faults["slow"] = gate
+    proxy = await start_proxy()
+    pending = asyncio.create_task(http.get(url(proxy, f"{API}/slow")))
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    stopping = asyncio.create_task(proxy.stop())  # shutdown_delay 0: the listener closes at once
+    try:
+        status, body = await get_json(http, admin(proxy, "/readyz"))
+        assert status == 503 and body["reason"] == "draining"
+    finally:
+        gate.release.set()
+        (await pending).release()
+        await stopping

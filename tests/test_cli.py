@@ -317,3 +317,116 @@ def test_serve_does_not_load_the_fake_api_or_aiohttp_web() -> None:
     probe = "import sys, proxy.cli, proxy.app; print('aiohttp.web' in sys.modules, 'proxy.mock' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.split() == ["False", "False"]
+
+
+DOUBLED_MESSAGE = (
+    "upstream.url: the base path /api/v3/partners would be doubled: the token URL would be "
+    "http://127.0.0.1:9/api/v3/partners/api/v3/partners/auth; use http://127.0.0.1:9"
+)
+
+
+@pytest.mark.parametrize("subcommand", ["serve", "check"])
+async def test_a_doubled_base_path_exits_1_naming_upstream_url(command: MakeCommand, subcommand: str) -> None:
+    env = {"NDOVU_CLIENT_ID": "x", "NDOVU_CLIENT_SECRET": "y", "NDOVU_UPSTREAM_URL": "http://127.0.0.1:9/api/v3/partners",
+           "NDOVU_PROXY_LISTEN": "127.0.0.1:0", "NDOVU_PROXY_ADMIN_LISTEN": "off"}
+    cmd = command(subcommand, env=env)
+    assert await cmd.run() == 1
+    assert cmd.stderr == [f"ndovu-proxy: config error: {DOUBLED_MESSAGE}"]
+
+
+async def test_a_gateway_base_path_still_serves(command: MakeCommand, fake: FakeNdovu) -> None:
+    # one segment in common with the API's path: a gateway prefix, not a slip
+    cmd = command("check", env=proxy_env(fake, NDOVU_UPSTREAM_URL=f"{fake.url}/gw/api"))  # type: ignore[attr-defined]
+    await cmd.run()
+    assert "config error" not in cmd.output()
+    assert f"POST {fake.url}/gw/api/api/v3/partners/auth" in "\n".join(cmd.stdout)  # type: ignore[attr-defined]
+
+
+async def _serve_until_token_then_stop(cmd: Command) -> list[dict[str, object]]:
+    await cmd.start()
+    await cmd.listening()
+    await cmd.event("token_acquired")
+    cmd.signal(signal.SIGTERM)
+    assert await cmd.wait() == 0, cmd.output()
+    return [e for e in cmd.events if e.get("event") == "listen_unrestricted"]
+
+
+async def test_serve_on_an_open_address_warns_once_who_can_spend_the_credentials(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = command("serve", env=proxy_env(fake, NDOVU_PROXY_LISTEN="0.0.0.0:0", NDOVU_PROXY_ADMIN_LISTEN="off"))
+    [warning] = await _serve_until_token_then_stop(cmd)
+    assert warning["level"] == "warning"
+    address = warning["address"]
+    assert isinstance(address, str) and address.startswith("0.0.0.0:")
+    assert f"anyone who can reach {address} can call the partner API" in str(warning["risk"])
+    assert "forwarding.allowed_clients" in str(warning["fix"]) and "forwarding.inbound_token" in str(warning["fix"])
+
+
+async def test_serve_on_loopback_does_not_warn(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = command("serve", env=proxy_env(fake))
+    assert await _serve_until_token_then_stop(cmd) == []
+
+
+async def test_sigterm_reports_draining_while_the_listener_still_accepts_for_shutdown_delay(
+    command: MakeCommand, fake: FakeNdovu, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("shutdown_delay: 2\n")
+    cmd = await command("serve", "--config", str(path), env=proxy_env(fake)).start()
+    address, admin = await cmd.listening()
+    await cmd.event("token_acquired")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{admin}/readyz") as resp:
+            assert resp.status == 200
+        began = time.monotonic()
+        cmd.signal(signal.SIGTERM)
+        shutting = await cmd.event("shutting_down")  # logged once /readyz says draining
+        assert shutting["delay_s"] == 2
+        async with http.get(f"http://{admin}/readyz") as resp:
+            assert resp.status == 503
+            assert await resp.json() == {"ready": False, "reason": "draining", "last_error": None}
+    # a new connection to the proxy is still accepted and served during the delay
+    fresh = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=fresh) as http, http.get(f"http://{address}{API}/x") as resp:
+        assert resp.status == 200
+    assert not any(e.get("event") == "listener_closed" for e in cmd.events)
+    assert await cmd.wait() == 0
+    assert time.monotonic() - began >= 2  # the listener was kept open for the delay
+    names = [e.get("event") for e in cmd.events]
+    assert names.index("shutting_down") < names.index("listener_closed") < names.index("stopped")
+
+
+async def test_a_second_signal_cuts_shutdown_delay_short(command: MakeCommand, fake: FakeNdovu, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("shutdown_delay: 600\n")
+    cmd = await command("serve", "--config", str(path), env=proxy_env(fake)).start()
+    await cmd.listening()
+    cmd.signal(signal.SIGTERM)
+    await cmd.event("shutting_down")
+    cmd.signal(signal.SIGINT)
+    assert await cmd.wait(timeout=15) == 0
+
+
+async def test_default_shutdown_readyz_says_draining_during_the_drain(command: MakeCommand, fake: FakeNdovu) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(_request: web.Request) -> web.StreamResponse:
+        started.set()
+        await release.wait()
+        return web.json_response({"slow": "done"})
+
+    fake.api_faults["slow"] = slow
+    cmd = await command("serve", env=proxy_env(fake)).start()
+    address, admin = await cmd.listening()
+    await cmd.event("token_acquired")
+    async with aiohttp.ClientSession() as http:
+        pending = asyncio.create_task(http.get(f"http://{address}{API}/slow"))
+        await asyncio.wait_for(started.wait(), 5)
+        cmd.signal(signal.SIGTERM)
+        await cmd.event("listener_closed")
+        async with http.get(f"http://{admin}/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["reason"] == "draining"
+        release.set()
+        resp = await asyncio.wait_for(pending, 5)
+        assert resp.status == 200
+    assert await cmd.wait() == 0

@@ -134,3 +134,65 @@ def test_the_example_file_is_valid_and_shows_the_defaults() -> None:
     example = str(Path(__file__).parent.parent / "config.example.yaml")
     defaults = config.load({}, CREDS)
     assert config.load({"config": example}, CREDS) == dataclasses.replace(defaults, config_file=example)
+
+
+DOUBLED = ("upstream.url: the base path /api/v3/partners would be doubled: the token URL would be "
+           "http://host/api/v3/partners/api/v3/partners/auth; use http://host")
+
+
+@pytest.mark.parametrize(
+    ("url", "flags", "message"),
+    [
+        ("http://host/api/v3/partners", {}, DOUBLED),
+        ("http://host/api/v3/partners/", {}, DOUBLED),  # the trailing / changes nothing
+        ("http://host/api/v3", {}, ("upstream.url: the base path /api/v3 would be doubled: the token URL "
+                                    "would be http://host/api/v3/api/v3/partners/auth; use http://host")),
+        ("https://gw.example:8443/ndovu/api/v3/partners", {},
+         ("upstream.url: the base path /ndovu/api/v3/partners would double /api/v3/partners: the token URL "
+          "would be https://gw.example:8443/ndovu/api/v3/partners/api/v3/partners/auth; use https://gw.example:8443/ndovu")),
+        # the token path is a full URL: the allowed_paths prefix still shows the slip
+        ("http://host/api/v3/partners", {"auth.token_path": "http://auth.example/token"},
+         ("upstream.url: the base path /api/v3/partners would be doubled: a request to /api/v3/partners/ "
+          "would go to http://host/api/v3/partners/api/v3/partners/; use http://host")),
+        # a token path of the user's own
+        ("http://host/oauth/v2", {"auth.token_path": "/oauth/v2/token", "forwarding.allowed_paths": []},
+         ("upstream.url: the base path /oauth/v2 would be doubled: the token URL would be "
+          "http://host/oauth/v2/oauth/v2/token; use http://host")),
+        # an allowed_paths prefix of the user's own
+        ("http://host/v1/orders", {"forwarding.allowed_paths": "/api/v3/partners/,/v1/orders"},
+         ("upstream.url: the base path /v1/orders would be doubled: a request to /v1/orders would go to "
+          "http://host/v1/orders/v1/orders; use http://host")),
+    ],
+)
+def test_a_base_path_that_repeats_the_api_path_is_refused(url: str, flags: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load({"upstream.url": url, **flags}, CREDS)
+    assert err.value.key == "upstream.url"
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("url", "flags"),
+    [
+        ("http://host/gateway", {}),
+        ("http://host/gw/api", {}),  # one segment in common: a gateway prefix that happens to say api
+        ("http://host/api", {}),
+        ("http://host/api/v2", {}),  # /api/v2 is not the start of /api/v3/...
+        ("http://host/partners/api", {}),
+        ("http://host/api/v3/partners", {"auth.token_path": "http://host/auth", "forwarding.allowed_paths": []}),
+        ("http://host/v3/partners", {}),  # ends with segments of the path, but not its first ones
+    ],
+)
+def test_a_gateway_base_path_is_kept(url: str, flags: dict[str, Any]) -> None:
+    s = config.load({"upstream.url": url, **flags}, CREDS)
+    assert s.upstream.url == url
+
+
+def test_shutdown_delay_defaults_to_0_and_takes_a_number_of_seconds(tmp_path: Path) -> None:
+    assert config.load({}, CREDS).shutdown_delay == 0
+    assert config.load({"config": write(tmp_path, "shutdown_delay: 2.5\n")}, CREDS).shutdown_delay == 2.5
+    for text, words in (("shutdown_delay: -1\n", "must not be negative"), ("shutdown_delay: soon\n", "expected a number"),
+                        ("shutdown_delay: true\n", "expected a number")):
+        with pytest.raises(ConfigError) as err:
+            config.load({"config": write(tmp_path, text)}, CREDS)
+        assert str(err.value).startswith("shutdown_delay: ") and words in str(err.value)
