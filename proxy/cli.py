@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-listen", metavar="HOST:PORT",
                    help="/healthz /readyz /metrics /tokenz (default 127.0.0.1:9901; 'off' turns it off)")
     p.add_argument("--upstream", metavar="URL", help="the partner API's base URL")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--log-format", choices=("json", "console", "auto"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="default info; debug adds the auth call and upstream connections (env NDOVU_PROXY_LOG_LEVEL)")
+    p.add_argument("--log-format", choices=("json", "console", "auto"),
+                   help="default auto: console on a terminal, else json (env NDOVU_PROXY_LOG_FORMAT)")
 
     p = sub.add_parser("check", help="validate the config and fetch one token (never printed)",
                        description="Exit codes: 0 a token was obtained, 1 invalid config, "
@@ -59,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="off unless given")
 
-    p = sub.add_parser("mock-upstream", help="a fake Ndovu Partner API for your app's tests")
+    p = sub.add_parser(
+        "mock-upstream", help="a fake Ndovu Partner API for your app's tests",
+        description="A fake Ndovu Partner API: POST /api/v3/partners/auth with the real semantics, "
+        "GET /api/v3/partners/products (a sample catalogue), and every other path under "
+        "/api/v3/partners/ echoing the request as JSON. For tests of an app's retry paths: "
+        "POST /_mock/expire and POST /_mock/revoke end every token issued so far; "
+        "GET /_mock/stats counts auth calls and requests.")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8081", help="default 127.0.0.1:8081")
     # the defaults are the demo's (proxy.mock); spelled out here so that `serve` never loads
     # the fake API and aiohttp's web framework with it

@@ -430,3 +430,20 @@ async def test_default_shutdown_readyz_says_draining_during_the_drain(command: M
         resp = await asyncio.wait_for(pending, 5)
         assert resp.status == 200
     assert await cmd.wait() == 0
+
+
+def test_every_command_and_flag_has_help() -> None:
+    import argparse
+
+    from proxy.cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001 - argparse has no public walk
+    assert {c.dest for c in sub._choices_actions if c.help} == set(sub.choices)  # noqa: SLF001
+    for name, command in sub.choices.items():
+        for action in command._actions:  # noqa: SLF001
+            if not isinstance(action, argparse._HelpAction):  # noqa: SLF001
+                assert action.help, f"{name} {action.option_strings} has no help"
+    mock_help = sub.choices["mock-upstream"].format_help()
+    for endpoint in ("/_mock/expire", "/_mock/revoke", "/_mock/stats"):
+        assert endpoint in mock_help

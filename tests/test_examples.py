@@ -70,3 +70,33 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""
+
+
+def test_kubernetes_manifest_holds_no_secret_to_overwrite_the_real_one() -> None:
+    # `kubectl apply -f` of the example must never replace the credentials with placeholders
+    assert [d["kind"] for d in k8s_docs() if d["kind"] == "Secret"] == []
+    assert "kubectl create secret generic ndovu-credentials" in (EXAMPLES / "kubernetes" / "ndovu-proxy.yaml").read_text()
+
+
+def _loopback_namespace() -> str | None:
+    """Why a private network namespace with only loopback cannot be had here, or None."""
+    for tool in ("unshare", "ip", "curl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing"
+    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, text=True, timeout=10)
+    return None if probe.returncode == 0 else f"unshare -rn is not allowed here: {probe.stderr.strip()}"
+
+
+def test_the_readmes_fake_api_block_works_when_pasted() -> None:
+    """The README's "test your app against the fake API" lines, as a user pastes them, in a
+    network namespace of their own (only loopback: its fixed ports are free, nothing leaves)."""
+    why = _loopback_namespace()
+    if why is not None:
+        pytest.skip(why)
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    block = readme.split("<!-- fake-api-block -->", 1)[1].split("```", 2)[1].strip()
+    bindir = str(Path(sys.executable).parent)
+    script = "ip link set lo up\n" + block.replace(".venv/bin/", bindir + "/") + "\nstatus=$?\nkill $(jobs -p)\nwait\nexit $status\n"
+    result = subprocess.run(["unshare", "-rn", "bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"products"' in result.stdout, (result.stdout[-1000:], result.stderr[-2000:])
