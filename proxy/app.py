@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -21,6 +23,7 @@ import structlog
 from proxy import logs
 from proxy.admin import Admin
 from proxy.config import Address, Settings, read_secret_file
+from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.logs import Redactor
 from proxy.metrics import Stats
@@ -103,8 +106,42 @@ def secret_reader(settings: Settings, redactor: Redactor) -> Callable[[], str]:
     return lambda: value
 
 
+class ListenError(ConfigError):
+    """A listener could not bind: `listen 127.0.0.1:8080: address already in use` (the key,
+    the address as configured, the reason). A ConfigError, so the CLI reports it and exits 1."""
+
+    def __init__(self, key: str, address: Address, reason: str) -> None:
+        super().__init__(key, f"{address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.address}: {self.reason}"
+
+
+def bind_failure(exc: OSError) -> str:
+    """Why a bind failed, as the C library says it ("address already in use", "cannot assign
+    requested address"), without the loop's own wrapping of the message."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        text = exc.strerror or str(exc)
+    else:
+        text = os.strerror(exc.errno)
+    return text[:1].lower() + text[1:]
+
+
+async def bind(listener: Listener, key: str, where: Address) -> Address:
+    try:
+        return Address(*await listener.start(where.host, where.port))
+    except OSError as exc:
+        raise ListenError(key, where, bind_failure(exc)) from None
+
+
 class Proxy:
-    """The proxy as one object: `start()`, `reload()`, `stop()`."""
+    """The proxy as one object: `start()`, `reload()`, `stop()`.
+
+    A `start()` that fails (a listener cannot bind) releases what it opened, logs nothing and
+    raises; `stop()` after it is quiet. Nothing goes to the auth endpoint before both listeners
+    are bound."""
 
     def __init__(self, settings: Settings, *, redactor: Redactor | None = None, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -121,8 +158,17 @@ class Proxy:
         self.draining = False
         self.address: Address | None = None
         self.admin_address: Address | None = None
+        self._started = False
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._release()
+            raise
+        self._started = True
+
+    async def _start(self) -> None:
         s = self.settings
         if s.forwarding.inbound_token is not None:
             self.redactor.add(s.forwarding.inbound_token.reveal())
@@ -140,18 +186,20 @@ class Proxy:
             clock=self._clock,
             on_token=lambda t: self.redactor.add(t.value),
         )
-        # the first token is fetched in the background: the proxy listens at once
-        self._refresher = asyncio.create_task(self.tokens.run(), name="token-refresher")
         access = logs.access_logger(self.redactor) if s.logging.access_log else None
         self.upstream = make_upstream(s)
         forwarder = Forwarder(s, self.upstream, self.tokens, self.stats, access)
-        self._listener = Listener(forwarder, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=s.upstream.read_timeout,
-                                  max_head=s.limits.max_header_bytes)
-        self.address = Address(*await self._listener.start(s.listen.host, s.listen.port))
+        # the admin listener binds first: it never asks for a token, while a request on the
+        # proxy's would; so no token is asked for until both are bound
         if s.admin_listen is not None:
             admin = self._admin_handler = Admin(self.tokens, self.stats)
             self._admin = Listener(admin, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=ADMIN_BODY_TIMEOUT)
-            self.admin_address = Address(*await self._admin.start(s.admin_listen.host, s.admin_listen.port))
+            self.admin_address = await bind(self._admin, "admin_listen", s.admin_listen)
+        self._listener = Listener(forwarder, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=s.upstream.read_timeout,
+                                  max_head=s.limits.max_header_bytes)
+        self.address = await bind(self._listener, "listen", s.listen)
+        # the first token is fetched in the background: the proxy already listens
+        self._refresher = asyncio.create_task(self.tokens.run(), name="token-refresher")
         log.info(
             "listening",
             address=str(self.address),
@@ -189,9 +237,34 @@ class Proxy:
         log.info("shutting_down", in_flight=self.stats.in_flight, delay_s=self.settings.shutdown_delay,
                  drain_timeout_s=self.settings.shutdown_timeout)
 
+    async def _release(self) -> None:
+        """Close whatever a failed `start()` opened, quietly: it never served."""
+        for listener in (self._listener, self._admin):
+            if listener is not None:
+                listener.close()
+                await listener.drain(0)
+        self._listener = self._admin = None
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self.tokens is not None:
+            await self.tokens.close()
+        if self.upstream is not None:
+            await self.upstream.close()
+            self.upstream = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        logs.flush()
+
     async def stop(self) -> None:
         """Close the listeners at once, drain in-flight requests up to shutdown_timeout, then
-        cut what is left."""
+        cut what is left. Quiet for a proxy that never started."""
+        if not self._started:
+            await self._release()
+            return
         self.begin_draining()
         in_flight = self.stats.in_flight
         if self._listener is not None:

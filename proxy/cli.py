@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from proxy import config, logs
 from proxy.app import USER_AGENT, Proxy, make_session, secret_reader, serve
-from proxy.errors import AuthError, ConfigError, CredentialsRejected
+from proxy.errors import AuthError, ConfigError, CredentialsRejected, SecretUnreadable
 from proxy.ndovu import NdovuAuth
 
 if TYPE_CHECKING:
@@ -52,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("json", "console", "auto"),
                    help="default auto: console on a terminal, else json (env NDOVU_PROXY_LOG_FORMAT)")
 
-    p = sub.add_parser("check", help="validate the config and fetch one token (never printed)",
+    p = sub.add_parser("check", help="validate the config exactly as serve does and fetch one token (never printed)",
                        description="Exit codes: 0 a token was obtained, 1 invalid config, "
                        "2 credentials rejected (401/400), 3 auth endpoint unreachable or answered badly.")
     p.add_argument("--config", metavar="PATH", help="YAML config file (env NDOVU_PROXY_CONFIG)")
+    p.add_argument("--upstream", metavar="URL", help="the partner API's base URL (env NDOVU_UPSTREAM_URL)")
 
     p = sub.add_parser("demo", help="the proxy in front of an embedded fake Ndovu API; no credentials needed")
     p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
@@ -105,18 +106,25 @@ def _start_logging(settings: config.Settings) -> logs.Redactor:
     return logs.configure(settings.logging.level, settings.logging.format, buffered=True)
 
 
-def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    settings = config.load(
+def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> config.Settings:
+    """The settings `serve` runs with; `check` validates through this same call, so a config
+    that `check` accepts is one `serve` starts with. A flag a command does not take counts as
+    not given."""
+    return config.load(
         {
-            "config": args.config,
-            "listen": args.listen,
-            "admin_listen": args.admin_listen,
-            "upstream.url": args.upstream,
-            "logging.level": args.log_level,
-            "logging.format": args.log_format,
+            "config": getattr(args, "config", None),
+            "listen": getattr(args, "listen", None),
+            "admin_listen": getattr(args, "admin_listen", None),
+            "upstream.url": getattr(args, "upstream", None),
+            "logging.level": getattr(args, "log_level", None),
+            "logging.format": getattr(args, "log_format", None),
         },
         environ,
     )
+
+
+def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    settings = load_settings(args, environ)
     redactor = _start_logging(settings)
     return _serve(Proxy(settings, redactor=redactor))
 
@@ -131,11 +139,44 @@ def _serve(proxy: Proxy) -> int:
 
 
 def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    settings = config.load({"config": args.config, "logging.level": "warning"}, environ)
-    redactor = _start_logging(settings)
+    settings = load_settings(args, environ)
+    # check talks on stdout; only warnings and errors go to the log
+    redactor = logs.configure("warning", settings.logging.format, buffered=True)
     print(f"config:   OK ({settings.config_file or 'no file; environment and defaults'})")
     print(f"auth:     POST {settings.auth.token_url} as client {settings.auth.client_id!r}")
+    print(f"secret:   {secret_source(settings, environ)} (the secret itself is never shown)")
     return int(_run(_check(settings, redactor)))
+
+
+def secret_source(settings: config.Settings, environ: Mapping[str, str]) -> str:
+    """Where the client secret comes from, in the words of the setting that gave it (never its
+    value): `NDOVU_CLIENT_SECRET`, `auth.client_secret in FILE`, `NDOVU_CLIENT_SECRET_FILE: PATH`,
+    `auth.client_secret_file: PATH (in FILE)`; with the secret that the file overrides, if any.
+    The same precedence as config.load: environment over the config file; flags set neither."""
+    in_file: dict[str, Any] = {}
+    if settings.config_file:
+        # the file was read and accepted a moment ago by config.load; read again only to tell
+        # which of its keys were set
+        in_file = config._read_file(settings.config_file, environ)  # noqa: SLF001
+
+    def given(var: str, key: str) -> str | None:
+        if environ.get(var):
+            return var
+        if in_file.get(key) not in (None, ""):
+            return f"{key} in {settings.config_file}"
+        return None
+
+    secret = given("NDOVU_CLIENT_SECRET", "auth.client_secret")
+    path = settings.auth.client_secret_file
+    if path is None:
+        return secret or "auth.client_secret"
+    if environ.get("NDOVU_CLIENT_SECRET_FILE"):
+        where = f"NDOVU_CLIENT_SECRET_FILE: {path}"
+    else:
+        where = f"auth.client_secret_file: {path} (in {settings.config_file})"
+    if secret is not None:
+        where += f"; {secret} is set too: the file wins"
+    return where
 
 
 async def _check(settings: config.Settings, redactor: logs.Redactor) -> int:
@@ -149,6 +190,9 @@ async def _check(settings: config.Settings, redactor: logs.Redactor) -> int:
         except TimeoutError:
             print(f"token:    FAILED: no answer within auth.timeout ({settings.auth.timeout:g}s)")
             return EXIT_UNREACHABLE
+        except SecretUnreadable as exc:  # the file went away after the config was read
+            print(f"token:    FAILED: {exc.detail}")
+            return EXIT_CONFIG
         except CredentialsRejected as exc:
             print(f"token:    FAILED: {exc.detail}\nhint:     {exc.hint}")
             return EXIT_REJECTED

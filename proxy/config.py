@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, SecretFileError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -171,12 +171,27 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
 
 
 def read_secret_file(path: str) -> str:
-    """The secret in `path`, minus one trailing newline (\\n or \\r\\n) and nothing else."""
-    with open(path, encoding="utf-8") as fh:
-        value = fh.read()
+    """The secret in `path`, minus one trailing newline (\\n or \\r\\n) and nothing else.
+
+    Raises `SecretFileError` saying why in plain words (`cannot read PATH: No such file or
+    directory`, `... Permission denied`, `PATH is a directory`, `PATH is empty`): `load` turns
+    it into a config error, a token request into `SecretUnreadable`."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read()
+    except IsADirectoryError as exc:
+        raise SecretFileError(path, f"{path} is a directory, not a file") from exc
+    except OSError as exc:
+        raise SecretFileError(path, f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SecretFileError(path, f"{path} is not UTF-8 text") from exc
     if value.endswith("\r\n"):
-        return value[:-2]
-    return value[:-1] if value.endswith("\n") else value
+        value = value[:-2]
+    elif value.endswith("\n"):
+        value = value[:-1]
+    if not value:
+        raise SecretFileError(path, f"{path} is empty")
+    return value
 
 
 # --- the file -------------------------------------------------------------------------
@@ -239,8 +254,10 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None) -> Settings:
     secret_file = _opt_str(raw, "auth.client_secret_file")
     secret = _opt_str(raw, "auth.client_secret")
     if secret_file is not None:
-        if not os.access(secret_file, os.R_OK):
-            raise ConfigError("auth.client_secret_file", f"cannot read {secret_file}")
+        try:
+            read_secret_file(secret_file)  # read as every token request will; the value is dropped
+        except SecretFileError as exc:
+            raise ConfigError("auth.client_secret_file", exc.reason) from exc
         secret = None
     elif secret is None:
         raise ConfigError(

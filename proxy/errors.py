@@ -2,8 +2,10 @@
 
     Exception
     ├── ConfigError           bad settings; `serve` exits 1 naming the key
+    ├── SecretFileError       the client secret file cannot be read, or is empty
     ├── AuthError             a token request failed (proxy.ndovu maps Ndovu's answers here)
     │   ├── CredentialsRejected   401 or 400 from the auth endpoint
+    │   ├── SecretUnreadable      the client secret file went missing, unreadable or empty
     │   ├── RateLimited           429, with the Retry-After it gave
     │   ├── AuthUnreachable       connect failure, reset, timeout or a 5xx
     │   └── BadAuthResponse       any other status, or a 200 that is not a usable token
@@ -36,6 +38,15 @@ class ConfigError(Exception):
         self.problem = problem
 
 
+class SecretFileError(Exception):
+    """`auth.client_secret_file` cannot be used; `reason` says why in plain words."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
 class AuthError(Exception):
     kind = "bad_response"
     #: the metric label of ndovu_proxy_token_fetches_total{result}
@@ -54,6 +65,13 @@ class CredentialsRejected(AuthError):
         super().__init__(detail)
         self.status = status
         self.hint = hint
+
+
+class SecretUnreadable(AuthError):
+    """The secret file could not be read for a token request: the operator's to fix, not the
+    auth endpoint's answer (no request was sent)."""
+
+    kind = "secret_unreadable"
 
 
 class RateLimited(AuthError):

@@ -13,10 +13,13 @@ import base64
 import binascii
 import json
 import re
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -26,6 +29,8 @@ from proxy.errors import (
     BadAuthResponse,
     CredentialsRejected,
     RateLimited,
+    SecretFileError,
+    SecretUnreadable,
 )
 from proxy.tokens import Grant
 
@@ -73,12 +78,10 @@ class NdovuAuth:
     async def fetch(self) -> Grant:
         try:
             secret = self._secret()
-        except OSError as exc:
-            raise CredentialsRejected(
-                f"cannot read the client secret file: {exc.strerror}",
-                status=0,
-                hint="check auth.client_secret_file",
-            ) from exc
+        except SecretFileError as exc:
+            raise SecretUnreadable(f"auth.client_secret_file: {exc.reason}") from exc
+        except OSError as exc:  # a secret source other than read_secret_file
+            raise SecretUnreadable(f"cannot read the client secret: {exc.strerror or exc}") from exc
         headers = {
             "Authorization": basic_credentials(self._client_id, secret),
             "Accept": "application/json",
@@ -98,9 +101,11 @@ class NdovuAuth:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.debug("auth_request", url=self._url, status=None, error=type(exc).__name__,
+            words = network_error(exc, self._url, connect_timeout=self._session.timeout.sock_connect,
+                                  timeout=self._timeout.total)
+            log.debug("auth_request", url=self._url, status=None, error=words,
                       duration_ms=round((time.perf_counter() - started) * 1000, 1))
-            raise AuthUnreachable(f"{type(exc).__name__} talking to the auth endpoint") from exc
+            raise AuthUnreachable(words) from exc
         log.debug("auth_request", url=self._url, status=status,
                   duration_ms=round((time.perf_counter() - started) * 1000, 1))
         return self._grant(status, body, retry_after)
@@ -117,6 +122,83 @@ class NdovuAuth:
         if status != 200:
             raise BadAuthResponse(f"auth endpoint answered {status}")
         return parse_token_response(body)
+
+
+# both newer than aiohttp 3.10.0, the oldest supported: looked up, not imported
+_DNS_ERROR: tuple[type[BaseException], ...] = tuple(
+    c for c in (getattr(aiohttp, "ClientConnectorDNSError", None),) if isinstance(c, type))
+_CONNECT_TIMEOUT: tuple[type[BaseException], ...] = tuple(
+    c for c in (getattr(aiohttp, "ConnectionTimeoutError", None),) if isinstance(c, type))
+#: what OpenSSL says when the other end answers a ClientHello in plain text
+_PLAIN_HTTP_SIGNS = ("wrong_version_number", "wrong version number", "http_request", "http request",
+                     "record layer failure", "packet length too long", "unknown protocol")
+
+
+def _where(url: str) -> tuple[str, str]:
+    """(host, host:port) of a URL, the port spelled out even when it is the default."""
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def _tls_reason(exc: BaseException) -> str:
+    cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return str(cause.reason).lower().replace("_", " ")
+    text = getattr(cause, "strerror", None) or str(cause)
+    return text or "the connection closed during the handshake"
+
+
+def network_error(exc: BaseException, url: str, *, connect_timeout: float | None, timeout: float | None) -> str:
+    """A failed HTTP call to `url`, in plain words naming the host and port; never a bare
+    exception class name."""
+    host, where = _where(url)
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(exc, _DNS_ERROR) or isinstance(os_error, socket.gaierror) or isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {host}"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError) or isinstance(os_error, ssl.SSLError):
+        reason = _tls_reason(exc)
+        words = f"TLS handshake with {where} failed: {reason}"
+        if any(sign in repr(os_error or exc).lower() for sign in _PLAIN_HTTP_SIGNS):
+            words += f" (the port seems to speak plain HTTP: try http://{where} in upstream.url)"
+        return words
+    if isinstance(exc, _CONNECT_TIMEOUT):
+        after = f" after {connect_timeout:g} s" if connect_timeout else ""
+        return f"timed out connecting to {where}{after}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(os_error, ConnectionRefusedError):
+            return f"connection refused by {where}"
+        if isinstance(os_error, TimeoutError):
+            after = f" after {connect_timeout:g} s" if connect_timeout else ""
+            return f"timed out connecting to {where}{after}"
+        return f"cannot connect to {where}: {_os_words(os_error or exc)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{where} closed the connection without answering"
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError and the total timeout alike
+        within = f" within {timeout:g} s" if timeout else ""
+        return f"no answer from {where}{within}"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"the answer from {where} broke off"
+    if isinstance(exc, ConnectionResetError) or isinstance(os_error, ConnectionResetError):
+        return f"connection to {where} reset"
+    if isinstance(exc, OSError):
+        return f"connection to {where} failed: {_os_words(exc)}"
+    text = str(exc)
+    return f"talking to {where} failed: {text}" if text else f"talking to {where} failed"
+
+
+def _os_words(exc: BaseException) -> str:
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return str(strerror)
+    return str(exc) or "the connection failed"
 
 
 def parse_token_response(body: bytes) -> Grant:

@@ -36,6 +36,7 @@ from proxy.errors import (
     AuthUnreachable,
     CredentialsRejected,
     RateLimited,
+    SecretUnreadable,
     TokenUnavailable,
 )
 
@@ -273,6 +274,8 @@ class TokenCache:
         fields = {"reason": exc.kind, "detail": exc.detail, "next_attempt_in_s": round(delay, 3)}
         if isinstance(exc, CredentialsRejected):
             log.error("token_refresh_failed", status=exc.status, hint=exc.hint, **fields)
+        elif isinstance(exc, SecretUnreadable):  # no request was sent; the operator must act
+            log.error("token_refresh_failed", **fields)
         else:
             log.warning("token_refresh_failed", **fields)
 
