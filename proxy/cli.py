@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -33,15 +34,55 @@ NDOVU_PROXY_CONFIG, NDOVU_PROXY_LISTEN, NDOVU_PROXY_ADMIN_LISTEN, NDOVU_PROXY_LO
 NDOVU_PROXY_LOG_FORMAT. Precedence: flags, environment, config file, defaults."""
 
 
+#: dotted key -> the flag that sets it, for `serve` and `config`
+FLAG_NAMES = {
+    "config": "--config", "listen": "--listen", "admin_listen": "--admin-listen",
+    "upstream.url": "--upstream", "logging.level": "--log-level", "logging.format": "--log-format",
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("ndovu-proxy")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ndovu-proxy", description=DESCRIPTION, epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"ndovu-proxy {version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the proxy", epilog=ENV_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _serve_flags(p)
+
+    p = sub.add_parser(
+        "config", help="print the effective configuration and where each value came from (secrets masked)",
+        description="One line a setting: KEY = VALUE  # SOURCE, the source being default, file PATH "
+        "(via ${VAR} when the value used one), env NAME or flag --NAME. Secrets show as <set>. "
+        "Validates as serve does: exit 1 on a config error.", epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _serve_flags(p)
+    p.add_argument("--json", action="store_true", help='print {"KEY": {"value": ..., "source": ...}} instead')
+
+    p = sub.add_parser("check", help="validate the config exactly as serve does and fetch one token (never printed)",
+                       description="Exit codes: 0 a token was obtained, 1 invalid config, "
+                       "2 credentials rejected (401/400), 3 auth endpoint unreachable or answered badly.")
+    p.add_argument("--config", metavar="PATH", help="YAML config file (env NDOVU_PROXY_CONFIG)")
+    p.add_argument("--upstream", metavar="URL", help="the partner API's base URL (env NDOVU_UPSTREAM_URL)")
+    _more_commands(sub)
+    return parser
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="YAML config file (env NDOVU_PROXY_CONFIG)")
     p.add_argument("--listen", metavar="HOST:PORT", help="where apps send requests (default 127.0.0.1:8080)")
     p.add_argument("--admin-listen", metavar="HOST:PORT",
@@ -52,12 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("json", "console", "auto"),
                    help="default auto: console on a terminal, else json (env NDOVU_PROXY_LOG_FORMAT)")
 
-    p = sub.add_parser("check", help="validate the config exactly as serve does and fetch one token (never printed)",
-                       description="Exit codes: 0 a token was obtained, 1 invalid config, "
-                       "2 credentials rejected (401/400), 3 auth endpoint unreachable or answered badly.")
-    p.add_argument("--config", metavar="PATH", help="YAML config file (env NDOVU_PROXY_CONFIG)")
-    p.add_argument("--upstream", metavar="URL", help="the partner API's base URL (env NDOVU_UPSTREAM_URL)")
 
+def _more_commands(sub: Any) -> None:
     p = sub.add_parser("demo", help="the proxy in front of an embedded fake Ndovu API; no credentials needed")
     p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="off unless given")
@@ -75,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-id", help="accepted client id (default demo-client)")
     p.add_argument("--client-secret", help="accepted raw client secret (default demo-secret)")
     p.add_argument("--token-ttl", type=float, default=3600, metavar="S", help="token lifetime in seconds (default 3600)")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,11 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args, os.environ)
         if args.command == "check":
             return cmd_check(args, os.environ)
+        if args.command == "config":
+            return cmd_config(args, os.environ)
         if args.command == "demo":
             return cmd_demo(args, os.environ)
         return cmd_mock(args)
     except ConfigError as exc:
-        print(f"ndovu-proxy: config error: {exc}", file=sys.stderr)
+        # every problem the load found, one line each
+        for error in exc.errors if isinstance(exc, config.ConfigErrors) else (exc,):
+            print(f"ndovu-proxy: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
 
 
@@ -106,21 +146,39 @@ def _start_logging(settings: config.Settings) -> logs.Redactor:
     return logs.configure(settings.logging.level, settings.logging.format, buffered=True)
 
 
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted keys the command line sets; a flag a command does not take counts as not given."""
+    return {
+        "config": getattr(args, "config", None),
+        "listen": getattr(args, "listen", None),
+        "admin_listen": getattr(args, "admin_listen", None),
+        "upstream.url": getattr(args, "upstream", None),
+        "logging.level": getattr(args, "log_level", None),
+        "logging.format": getattr(args, "log_format", None),
+    }
+
+
 def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> config.Settings:
-    """The settings `serve` runs with; `check` validates through this same call, so a config
-    that `check` accepts is one `serve` starts with. A flag a command does not take counts as
-    not given."""
-    return config.load(
-        {
-            "config": getattr(args, "config", None),
-            "listen": getattr(args, "listen", None),
-            "admin_listen": getattr(args, "admin_listen", None),
-            "upstream.url": getattr(args, "upstream", None),
-            "logging.level": getattr(args, "log_level", None),
-            "logging.format": getattr(args, "log_format", None),
-        },
-        environ,
-    )
+    """The settings `serve` runs with; `check` and `config` validate through the same
+    config.load checks, so a config that they accept is one `serve` starts with."""
+    return config.load(_flags(args), environ)
+
+
+def cmd_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    shown = config.effective(_flags(args), environ, FLAG_NAMES)
+    if args.json:
+        doc = {key: {"value": value, "source": source} for key, (value, source) in shown.items()}
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    for key, (value, source) in shown.items():
+        print(f"{key} = {_show(value)}  # {source}")
+    return EXIT_OK
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str)  # true, null, 5, ["/api/v3/partners/"]
 
 
 def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

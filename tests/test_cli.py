@@ -69,7 +69,8 @@ async def test_unknown_key_in_the_file_exits_1(command: MakeCommand, tmp_path: P
     path.write_text("forwarding:\n  retry_on_410: true\n")
     cmd = command("serve", "--config", str(path), env={"NDOVU_CLIENT_ID": "x", "NDOVU_CLIENT_SECRET": "y"})
     assert await cmd.run() == 1
-    assert cmd.stderr == ["ndovu-proxy: config error: forwarding.retry_on_410: unknown key"]
+    assert cmd.stderr == ["ndovu-proxy: config error: forwarding.retry_on_410: unknown key; "
+                          "did you mean forwarding.retry_on_401?"]
 
 
 async def test_sigterm_closes_the_listener_and_drains_a_slow_request(command: MakeCommand, fake: FakeNdovu) -> None:
