@@ -122,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args, os.environ)
         if args.command == "config":
-            return cmd_config(args, os.environ)
+            code = cmd_config(args, os.environ)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+            return code
         if args.command == "demo":
             return cmd_demo(args, os.environ)
         return cmd_mock(args)
@@ -131,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for error in exc.errors if isinstance(exc, config.ConfigErrors) else (exc,):
             print(f"ndovu-proxy: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # stdout went away (`ndovu-proxy config | head`): no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:

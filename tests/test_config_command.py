@@ -80,3 +80,20 @@ async def test_version_prints_the_installed_version(command: MakeCommand) -> Non
     cmd = command("--version")
     assert await cmd.run() == 0
     assert cmd.stdout == [f"ndovu-proxy {version('ndovu-proxy')}"]
+
+
+def test_config_into_a_closed_pipe_prints_no_traceback() -> None:
+    """`ndovu-proxy config | head`: the reader is gone before the command writes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "ndovu-proxy")
+    env = {"NDOVU_CLIENT_ID": "a", "NDOVU_CLIENT_SECRET": "s", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([exe, "config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has started and written anything
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
