@@ -430,6 +430,10 @@ add("version_cr", b"GET / HTTP/\r\r1.1\r\n\r\n", BAD())  # http-garden 15
 add("version_2_0", r(f"GET {API}/x HTTP/2.0", "Host: x"), REFUSED(400), BAD())
 add("http09", b"GET " + _b(API) + b"/x\r\n", BAD())
 add("http09_blank_line", b"GET " + _b(API) + b"/x\r\n\r\n", BAD())
+# llhttp reads a line without a version as HTTP/0.9 with headers, a body and keep-alive: it is
+# refused, and nothing after it is read (found by mutation: a space deleted before HTTP/1.1)
+add("http09_with_headers_and_body", b"POST " + _b(API) + b"/a\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n"
+    b"hello" + b"GET " + _b(API) + b"/next HTTP/1.1\r\nHost: x\r\n\r\n", BAD())
 add("http2_preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00", BAD())
 add("http2_preface_alone", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", BAD(), end=False)
 

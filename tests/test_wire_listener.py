@@ -621,3 +621,16 @@ async def test_close_shuts_idle_connections_and_lets_busy_ones_finish(serve: Ser
     await busy.expect(*ok(b"GET /slow 0", b"Connection: close"))
     assert await busy.closed()
     assert await asyncio.wait_for(draining, WAIT) is True
+
+
+async def test_a_head_whose_end_straddles_reads_after_its_request_line(serve: Serve) -> None:
+    """`GET /a HTTP/1.1\r` | `\n` | `\r\nGET /b ...`: the empty line that ends the first head
+    begins in the request line's last read; both requests are read, each as itself."""
+    s = await serve()
+    client = await s.connect()
+    for part in (b"GET /a HTTP/1.1\r", b"\n", b"\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"):
+        await client.send(part)
+        await asyncio.sleep(0.05)  # the subject: the parts arrive as separate reads
+    await client.expect(*ok(b"GET /a 0"))
+    await client.expect(*ok(b"GET /b 0"))
+    assert [r.target for r in s.stub.seen] == ["/a", "/b"]

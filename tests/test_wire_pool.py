@@ -358,7 +358,10 @@ async def test_an_answer_that_asks_to_close_gets_a_new_connection_next_time(
 
 @pytest.mark.parametrize("framing", [b"Content-Length: 10", b"Transfer-Encoding: chunked"])
 async def test_head_then_get_on_one_connection(origin: Origin, make_pool: MakePool, framing: bytes) -> None:
-    origin.default = answer(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n", ok(b"0123456789", b"X-Get: 1"))
+    """The HEAD's answer ends at its head, whatever its framing says; its connection is then
+    not reused (a body a broken origin sent anyway would be taken for the next answer), and
+    the GET reads its own answer on a new one."""
+    origin.scripts = [answer(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n"), answer(ok(b"0123456789", b"X-Get: 1"))]
     pool = make_pool()
     head = await send(pool, "HEAD", "/h")
     assert head.status == 200 and head.body is None
@@ -367,22 +370,43 @@ async def test_head_then_get_on_one_connection(origin: Origin, make_pool: MakePo
     get, data = await exchange(pool, "GET", "/g")
     assert get.status == 200 and data == b"0123456789"
     assert get.headers == [(b"Content-Length", b"10"), (b"X-Get", b"1")]
-    assert origin.accepted == 1
-    assert bytes(origin.peers[0].received) == request("HEAD", "/h", origin.host) + request("GET", "/g", origin.host)
+    assert origin.accepted == 2
+    assert bytes(origin.peers[0].received) == request("HEAD", "/h", origin.host)
+    assert bytes(origin.peers[1].received) == request("GET", "/g", origin.host)
+
+
+async def test_a_body_sent_after_a_head_answer_never_reaches_the_next_request(origin: Origin, make_pool: MakePool) -> None:
+    """A broken origin answers HEAD with a Content-Length and then sends that many bytes
+    anyway, a moment later, shaped like an answer: the next request must not take them."""
+    stray = ok(b"LEAKD", b"Set-Cookie: stolen=A")
+
+    async def script(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send_drained(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(stray))
+        await peer.read_request()  # only if the pool reused this connection
+        await peer.send_drained(stray)
+
+    origin.scripts = [script, answer(ok(b"mine"))]
+    pool = make_pool(limit=1)
+    head = await send(pool, "HEAD", "/h")
+    head.release()
+    get, data = await exchange(pool, "GET", "/g")
+    assert data == b"mine" and (b"Set-Cookie", b"stolen=A") not in get.headers
+    assert origin.accepted == 2
 
 
 @pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
 async def test_204_and_304_with_a_content_length_have_no_body(origin: Origin, make_pool: MakePool, status: bytes) -> None:
     # no body follows; if the pool waited for 10 bytes, the next answer would be taken for them
-    origin.default = answer(b"HTTP/1.1 " + status + b"\r\nContent-Length: 10\r\nETag: \"e\"\r\n\r\n", ok(b"next"))
+    origin.scripts = [answer(b"HTTP/1.1 " + status + b"\r\nContent-Length: 10\r\nETag: \"e\"\r\n\r\n"), answer(ok(b"next"))]
     pool = make_pool()
-    first = await send(pool)
+    first = await asyncio.wait_for(send(pool), WAIT)  # not waiting for 10 bytes that never come
     assert first.status == int(status[:3])
     assert first.body is None
     first.release()
     _, data = await exchange(pool, "GET", "/next")
     assert data == b"next"
-    assert origin.accepted == 1
+    assert origin.accepted == 2  # an answer that ends at its head: its connection is not reused
 
 
 @pytest.mark.parametrize("size", [11, 3 * MiB])

@@ -34,13 +34,14 @@ class _At(enum.Enum):
 
 
 class ChunkScanner:
-    __slots__ = ("_at", "_need", "_partial", "_max_line")
+    __slots__ = ("_at", "_need", "_partial", "_max_line", "_extensions")
 
     def __init__(self, max_line: int) -> None:
         self._at = _At.SIZE
         self._need = 0  # data bytes, or CRLF bytes, still to come
         self._partial = b""  # the start of a line that began in an earlier read
         self._max_line = max_line
+        self._extensions = 0  # bytes of chunk extensions so far: bounded like one line
 
     def scan(self, data: bytes) -> int:
         """The offset in `data` just past the body's end, or -1 if it does not end in it. A
@@ -82,6 +83,9 @@ class ChunkScanner:
                 size = line.split(b";", 1)[0].rstrip(b"\r")
                 if not _SIZE.fullmatch(size):
                     return pos  # not a size: the parser refuses it
+                self._extensions += len(line.rstrip(b"\r")) - len(size)
+                if self._extensions > self._max_line:  # endless extensions, a line at a time
+                    raise TooLong()
                 self._need = int(size, 16)
                 self._at = _At.DATA if self._need else _At.TRAILER
             elif line in (b"", b"\r"):  # the empty line after the last chunk and its trailers

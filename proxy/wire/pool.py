@@ -68,7 +68,10 @@ class Response:
         self._done = True
         # kept only when read to the end (a body left unread may hold its socket's reading
         # paused) and the request went out whole
-        reusable = (self._keep and self._proto.finished and (self.body is None or self.body.at_eof)
+        # An answer without a body (HEAD, 204, 304) ends at its head: a body its origin sends
+        # anyway would be read as the next request's answer, another client's, so that
+        # connection is not reused.
+        reusable = (self._keep and self._proto.finished and self.body is not None and self.body.at_eof
                     and self._writer_done())
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()  # answered before the upload ended: the rest is not sent

@@ -37,7 +37,7 @@ import structlog
 
 from proxy.wire.chunks import ChunkScanner, TooLong
 from proxy.wire.errors import BadFraming, ClientGone
-from proxy.wire.http import HEAD_END, HTTP_11, content_length, cut_at_head_end
+from proxy.wire.http import HEAD_END, HTTP_10, HTTP_11, content_length, cut_at_head_end
 from proxy.wire.request import Request, State, encode_high
 from proxy.wire.stream import Body, Drain
 
@@ -232,10 +232,11 @@ class Connection(asyncio.Protocol):
                 if not data:
                     return
                 self._head_size = 0
-                self._line_start = data
+                self._line_start = data[:6]
                 nl = data.find(b"\n")
                 if nl < 0 or not (data.isascii() or data[:nl].isascii()):
                     self._reading = Reading.LINE  # the line in pieces, or with bytes to encode
+                    self._tail = b""
                     continue
                 # most requests: the whole head at hand, fed at once
                 end = data.find(HEAD_END, max(nl - 1, 0))
@@ -257,9 +258,9 @@ class Connection(asyncio.Protocol):
                 self._head_size += len(piece)
                 if self._head_size > limit:
                     raise Malformed("headers_too_large")
+                self._tail = (self._tail + piece)[-3:]  # a head's end may begin in the line
                 if nl >= 0:
                     self._reading = Reading.HEAD
-                    self._tail = piece[-3:]
                 self._feed_head(piece)
             elif reading is Reading.LENGTH:
                 piece, data = data[:self._remaining], data[self._remaining:]
@@ -365,6 +366,10 @@ class Connection(asyncio.Protocol):
         index = self._index
         method = parser.get_method().decode("ascii")
         version = parser.get_http_version()
+        if version != HTTP_11 and version != HTTP_10:
+            # llhttp reads a line without a version as HTTP/0.9, headers and body included:
+            # no such request is read on (RFC 9112 §2.3 has no HTTP/0.9 with headers)
+            raise self._reject("invalid_syntax")
         keep_alive = parser.should_keep_alive()
         reading, length = Reading.START, 0
         declared: int | None = None
@@ -486,6 +491,12 @@ class Connection(asyncio.Protocol):
                 request = self._request = item
                 await handler(request)
                 self._request = None
+                if self.drain.paused:  # the client reads no answers: no more until it does
+                    try:
+                        await self.drain.wait(self.server.body_timeout)
+                    except TimeoutError:
+                        self.abort()
+                        break
                 if not request._done or self.transport is None:  # cut short
                     break
                 body = request.body
