@@ -208,36 +208,31 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     redactor = logs.configure("warning", settings.logging.format, buffered=True)
     print(f"config:   OK ({settings.config_file or 'no file; environment and defaults'})")
     print(f"auth:     POST {settings.auth.token_url} as client {settings.auth.client_id!r}")
-    print(f"secret:   {secret_source(settings, environ)} (the secret itself is never shown)")
+    sources = {key: source for key, (_, source) in config.effective(_flags(args), environ).items()}
+    print(f"secret:   {secret_source(settings, sources)} (the secret itself is never shown)")
     return int(_run(_check(settings, redactor)))
 
 
-def secret_source(settings: config.Settings, environ: Mapping[str, str]) -> str:
+def secret_source(settings: config.Settings, sources: Mapping[str, str]) -> str:
     """Where the client secret comes from, in the words of the setting that gave it (never its
     value): `NDOVU_CLIENT_SECRET`, `auth.client_secret in FILE`, `NDOVU_CLIENT_SECRET_FILE: PATH`,
     `auth.client_secret_file: PATH (in FILE)`; with the secret that the file overrides, if any.
-    The same precedence as config.load: environment over the config file; flags set neither."""
-    in_file: dict[str, Any] = {}
-    if settings.config_file:
-        # the file was read and accepted a moment ago by config.load; read again only to tell
-        # which of its keys were set
-        in_file = config._read_file(settings.config_file, environ)  # noqa: SLF001
+    `sources` are config.effective's, by key."""
 
-    def given(var: str, key: str) -> str | None:
-        if environ.get(var):
-            return var
-        if in_file.get(key) not in (None, ""):
+    def given(key: str) -> str | None:
+        source = sources.get(key, "default")
+        if source.startswith("env "):
+            return source.removeprefix("env ")
+        if source.startswith("file "):
             return f"{key} in {settings.config_file}"
         return None
 
-    secret = given("NDOVU_CLIENT_SECRET", "auth.client_secret")
+    secret = given("auth.client_secret")
     path = settings.auth.client_secret_file
     if path is None:
         return secret or "auth.client_secret"
-    if environ.get("NDOVU_CLIENT_SECRET_FILE"):
-        where = f"NDOVU_CLIENT_SECRET_FILE: {path}"
-    else:
-        where = f"auth.client_secret_file: {path} (in {settings.config_file})"
+    where = given("auth.client_secret_file") or "auth.client_secret_file"
+    where = f"{where}: {path}" if where.startswith("NDOVU_") else f"auth.client_secret_file: {path} (in {settings.config_file})"
     if secret is not None:
         where += f"; {secret} is set too: the file wins"
     return where
