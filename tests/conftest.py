@@ -19,8 +19,25 @@ import pytest
 from proxy import config, logs
 from proxy.app import Proxy
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
+from tests.procs import Command, MakeCommand
 
 StartProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def command() -> AsyncIterator[MakeCommand]:
+    """command(*args, env=...) -> the real `ndovu-proxy` command, stopped after the test."""
+    made: list[Command] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Command:
+        cmd = Command(*args, env=env)
+        made.append(cmd)
+        return cmd
+
+    yield make
+    for cmd in made:
+        await cmd.stop()
+
 
 if os.environ.get("NDOVU_TEST_LOOP") == "uvloop":  # pytest-asyncio makes its loops from the policy
     import uvloop

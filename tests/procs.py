@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -92,3 +93,7 @@ class Command:
             await self.proc.wait()
         for task in self._readers:
             task.cancel()
+
+
+#: the `command` fixture's type (tests/conftest.py)
+MakeCommand = Callable[..., Command]

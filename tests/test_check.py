@@ -18,9 +18,9 @@ import pytest
 
 from tests.conftest import assert_no_secrets
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
-from tests.test_cli import MakeCommand, command, proxy_env
+from tests.procs import MakeCommand
+from tests.test_cli import proxy_env
 
-__all__ = ["command"]  # the fixture, shared with test_cli
 
 CREDS = {"NDOVU_CLIENT_ID": "x", "NDOVU_CLIENT_SECRET": "y", "NDOVU_PROXY_LISTEN": "127.0.0.1:0",
          "NDOVU_PROXY_ADMIN_LISTEN": "off"}

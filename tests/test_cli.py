@@ -6,7 +6,6 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,25 +15,10 @@ from aiohttp import web
 from tests import fakes
 from tests.conftest import assert_no_secrets
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
-from tests.procs import Command
+from tests.procs import Command, MakeCommand
 
 API = "/api/v3/partners"
 
-MakeCommand = Callable[..., Command]
-
-
-@pytest.fixture
-async def command() -> AsyncIterator[MakeCommand]:
-    made: list[Command] = []
-
-    def make(*args: str, env: dict[str, str] | None = None) -> Command:
-        cmd = Command(*args, env=env)
-        made.append(cmd)
-        return cmd
-
-    yield make
-    for cmd in made:
-        await cmd.stop()
 
 
 def proxy_env(fake: FakeNdovu, **extra: str) -> dict[str, str]:

@@ -8,9 +8,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 from proxy import config
-from tests.test_cli import MakeCommand, command
+from tests.procs import MakeCommand
 
-__all__ = ["command"]  # the fixture, shared with test_cli
 
 SECRET, INBOUND, PASSWORD = "cl13nt-s3cret", "inb0und-t0ken", "pa55w0rd"
 

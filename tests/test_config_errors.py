@@ -9,9 +9,8 @@ import pytest
 
 from proxy import config
 from proxy.errors import ConfigError
-from tests.test_cli import MakeCommand, command
+from tests.procs import MakeCommand
 
-__all__ = ["command"]  # the fixture, shared with test_cli
 
 CREDS = {"NDOVU_CLIENT_ID": "id-1", "NDOVU_CLIENT_SECRET": "raw-secret"}
 

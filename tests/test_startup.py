@@ -9,7 +9,7 @@ import io
 import json
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -19,28 +19,13 @@ from proxy.app import ListenError, Proxy
 from proxy.wire import Listener
 from tests.conftest import assert_no_secrets, proxy_settings
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
-from tests.procs import Command
+from tests.procs import Command, MakeCommand
 
 API = "/api/v3/partners"
 SHUTDOWN_EVENTS = {"shutting_down", "listener_closed", "shutdown_cut", "stopped"}
 #: TEST-NET-1 (RFC 5737): never an address of this machine, so binding it fails locally
 FOREIGN = "192.0.2.1"
 
-MakeCommand = Callable[..., Command]
-
-
-@pytest.fixture
-async def command() -> AsyncIterator[MakeCommand]:
-    made: list[Command] = []
-
-    def make(*args: str, env: dict[str, str] | None = None) -> Command:
-        cmd = Command(*args, env=env)
-        made.append(cmd)
-        return cmd
-
-    yield make
-    for cmd in made:
-        await cmd.stop()
 
 
 @pytest.fixture
