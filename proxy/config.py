@@ -12,11 +12,12 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
+from proxy.egress import DIRECT, DIRECT_WORD, Egress, parse_no_proxy, parse_proxy
 from proxy.errors import ConfigError, SecretFileError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,6 +34,9 @@ ENV_KEYS: Mapping[str, str] = {
     "NDOVU_PROXY_LOG_FORMAT": "logging.format",
 }
 CONFIG_ENV = "NDOVU_PROXY_CONFIG"
+#: the egress proxy's variables, each read lower-case first as curl reads them; the upstream.proxy
+#: setting wins over all three
+EGRESS_ENV = ("https_proxy", "http_proxy", "no_proxy")
 
 DEFAULTS: Mapping[str, Any] = {
     "listen": "127.0.0.1:8080",
@@ -43,6 +47,11 @@ DEFAULTS: Mapping[str, Any] = {
     "upstream.tls_verify": True,
     "upstream.ca_file": None,
     "upstream.max_connections": 100,
+    "upstream.proxy": None,
+    "auth.style": "ndovu",
+    "auth.scope": None,
+    "auth.audience": None,
+    "auth.extra_params": {},
     "auth.token_path": "/api/v3/partners/auth",
     "auth.client_id": None,
     "auth.client_secret": None,
@@ -65,6 +74,16 @@ DEFAULTS: Mapping[str, Any] = {
     "shutdown_delay": 0,
 }
 SECTIONS = frozenset(k.split(".")[0] for k in DEFAULTS if "." in k)
+#: the blocks a route may override, key by key
+ROUTE_SECTIONS = ("upstream", "auth", "forwarding")
+#: settings whose value is a mapping (of form fields)
+MAPPING_KEYS = frozenset({"auth.extra_params"})
+#: auth.style: how the client authenticates at the token endpoint
+AUTH_STYLES = ("ndovu", "client_secret_basic", "client_secret_post")
+#: form fields the proxy sets itself in an OAuth2 token request
+OWN_FORM_FIELDS = frozenset({"grant_type", "client_id", "client_secret", "scope", "audience"})
+#: a route's name: a metric label value and part of `routes[NAME].key` in errors
+ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -158,6 +177,8 @@ class UpstreamSettings:
     tls_verify: bool
     ca_file: str | None
     max_connections: int
+    #: the egress proxy for the upstream and the token URL (upstream.proxy, else the environment)
+    egress: Egress = DIRECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +191,16 @@ class AuthSettings:
     timeout: float
     backoff_initial: float
     backoff_max: float
+    style: str = "ndovu"  # one of AUTH_STYLES
+    scope: str | None = None  # the OAuth2 styles only
+    audience: str | None = None
+    extra_params: tuple[tuple[str, str], ...] = ()  # form fields, in the order given
+
+    @property
+    def cache_key(self) -> tuple[str, str, str, str | None, str | None]:
+        """Routes whose auth has the same key share one token cache; others never see each
+        other's token."""
+        return (self.token_url, self.client_id, self.style, self.scope, self.audience)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,47 +226,94 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class Route:
+    """One listener and what crosses it: its upstream, its credentials, its rules."""
+
+    name: str
     listen: Address
-    admin_listen: Address | None
     upstream: UpstreamSettings
     auth: AuthSettings
     forwarding: ForwardingSettings
+
+
+#: the one route's name when the config has no `routes:`
+DEFAULT_ROUTE = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    routes: tuple[Route, ...]  # at least one; without `routes:`, one named "default"
+    admin_listen: Address | None
     logging: LoggingSettings
     shutdown_timeout: float
     limits: LimitsSettings = LimitsSettings(max_header_bytes=65536)
     #: seconds the listener keeps accepting after SIGTERM while /readyz already says draining
     shutdown_delay: float = 0.0
     config_file: str | None = None
+    #: `routes:` was set: metrics gain a route label, /tokenz and access lines a route key
+    named_routes: bool = False
+
+    # the first route's, which is the only one without `routes:`
+    @property
+    def listen(self) -> Address:
+        return self.routes[0].listen
+
+    @property
+    def upstream(self) -> UpstreamSettings:
+        return self.routes[0].upstream
+
+    @property
+    def auth(self) -> AuthSettings:
+        return self.routes[0].auth
+
+    @property
+    def forwarding(self) -> ForwardingSettings:
+        return self.routes[0].forwarding
 
 
 def load(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     """Build the settings. `flags` maps dotted keys (and `config`) to values given on the
     command line; a None value means "not given"."""
     errors = _Collector()
-    raw, _, path = _merge(flags, environ, errors)
-    return _build(raw, config_file=path, errors=errors)
+    merged = _merge(flags, environ, errors)
+    return _build(merged, errors=errors)
 
 
-def _merge(
-    flags: Mapping[str, Any], environ: Mapping[str, str], errors: _Collector
-) -> tuple[dict[str, Any], dict[str, str], str | None]:
-    """(raw value by dotted key, its source by dotted key, the config file). A source is
-    `default`, `file PATH` (`file PATH via ${VAR}` when the value used a variable),
-    `env NAME` or `flag KEY`."""
+@dataclass(slots=True)
+class _RouteRaw:
+    """One entry of `routes:` as the file gives it: its label in errors (its name, else its
+    index), and the dotted keys it sets (`name`, `listen`, `auth.client_id`, ...)."""
+
+    label: str
+    values: dict[str, Any]
+    used: dict[str, list[str]]
+
+
+@dataclass(slots=True)
+class _Merged:
+    raw: dict[str, Any]  # value by dotted key
+    source: dict[str, str]  # its source by dotted key
+    path: str | None  # the config file
+    routes: list[_RouteRaw] | None  # `routes:`, when the file has it
+    egress_env: dict[str, tuple[str, str]]  # (variable, value) of each EGRESS_ENV name that is set
+
+
+def _merge(flags: Mapping[str, Any], environ: Mapping[str, str], errors: _Collector) -> _Merged:
+    """Every source merged. A source is `default`, `file PATH` (`file PATH via ${VAR}` when the
+    value used a variable), `env NAME` or `flag KEY`."""
     raw: dict[str, Any] = dict(DEFAULTS)
     source = dict.fromkeys(DEFAULTS, "default")
     path = flags.get("config") or environ.get(CONFIG_ENV) or None
+    routes = None
     if path:
         used: dict[str, list[str]] = {}
         try:
-            from_file = _read_file(path, environ, errors, used)
+            from_file, routes = _read_file(path, environ, errors, used)
         except ConfigError as exc:  # the file as a whole is unusable: nothing else can be judged
             raise ConfigErrors([*errors.errors, exc]) from exc
         raw.update(from_file)
         for key in from_file:
-            via = ", ".join(f"${{{var}}}" for var in used.get(key, ()))
-            source[key] = f"file {path}" + (f" via {via}" if via else "")
+            source[key] = f"file {path}" + _via(used.get(key, ()))
     for var, key in ENV_KEYS.items():
         if environ.get(var):  # an empty variable counts as unset, as compose files pass them
             raw[key] = environ[var]
@@ -244,7 +322,17 @@ def _merge(
         if key != "config" and value is not None:
             raw[key] = value
             source[key] = f"flag {key}"
-    return raw, source, path
+    egress_env: dict[str, tuple[str, str]] = {}
+    for name in EGRESS_ENV:
+        var = next((v for v in (name, name.upper()) if environ.get(v)), None)
+        if var is not None:
+            egress_env[name] = (var, environ[var])
+    return _Merged(raw, source, path, routes, egress_env)
+
+
+def _via(variables: Sequence[str]) -> str:
+    via = ", ".join(f"${{{var}}}" for var in variables)
+    return f" via {via}" if via else ""
 
 
 #: the settings `effective` never shows, only whether they are set
@@ -257,11 +345,14 @@ def effective(
 ) -> dict[str, tuple[Any, str]]:
     """Every setting as (value, source), validated as `load` validates (raising the same
     `ConfigErrors`). Secrets show as `<set>`; a password in a URL as `<set>` in its place.
-    `flag_names` renames `flag KEY` sources to the flag as typed (`flag --upstream`)."""
+    `flag_names` renames `flag KEY` sources to the flag as typed (`flag --upstream`). With
+    `routes:`, each route's own keys follow as `routes[NAME].KEY`; the egress proxy variables
+    that are set show as `env.NAME`."""
     flag_names = flag_names or {}
     errors = _Collector()
-    raw, source, path = _merge(flags, environ, errors)
-    _build(raw, config_file=path, errors=errors)  # raises on any problem
+    merged = _merge(flags, environ, errors)
+    _build(merged, errors=errors)  # raises on any problem
+    raw, source, path = merged.raw, merged.source, merged.path
     out: dict[str, tuple[Any, str]] = {}
     if path:
         out["config"] = (path, f"flag {flag_names.get('config', 'config')}" if flags.get("config")
@@ -270,10 +361,19 @@ def effective(
         value, where = raw[key], source[key]
         if where.startswith("flag "):
             where = f"flag {flag_names.get(key, key)}"
-        if key in SECRET_KEYS and value not in (None, ""):
-            value = MASK
-        out[key] = (_mask_url_passwords(value), where)
+        out[key] = (_shown(key, value), where)
+    for var, value in merged.egress_env.values():
+        out[f"env.{var}"] = (_mask_url_passwords(value), f"env {var}")
+    for route in merged.routes or ():
+        for key, value in route.values.items():
+            out[f"routes[{route.label}].{key}"] = (_shown(key, value), f"file {path}" + _via(route.used.get(key, ())))
     return out
+
+
+def _shown(key: str, value: Any) -> Any:
+    if key in SECRET_KEYS and value not in (None, ""):
+        return MASK
+    return _mask_url_passwords(value)
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@")
@@ -317,16 +417,13 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _read_file(
-    path: str, environ: Mapping[str, str], errors: _Collector | None = None,
-    used: dict[str, list[str]] | None = None,
-) -> dict[str, Any]:
-    """The file's settings by dotted key, `${VAR}` expanded. A file that cannot be read or
-    parsed raises one ConfigError; problems with single keys go to `errors` (without it,
-    they are raised together at the end). `used` gets, by key, the variables its value named."""
+    path: str, environ: Mapping[str, str], errors: _Collector, used: dict[str, list[str]],
+) -> tuple[dict[str, Any], list[_RouteRaw] | None]:
+    """The file's settings by dotted key, `${VAR}` expanded, and its `routes:` if any. A file
+    that cannot be read or parsed raises one ConfigError; problems with single keys go to
+    `errors`. `used` gets, by key, the variables its value named."""
     import yaml  # only when there is a file: a sidecar configured by environment never loads it
 
-    own = errors is None
-    found = _Collector() if errors is None else errors
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -339,34 +436,72 @@ def _read_file(
     except yaml.YAMLError as exc:
         raise ConfigError("config", f"{path} is not valid YAML{_yaml_where(exc, text)}") from exc
     if doc is None:
-        return {}
+        return {}, None
     if not isinstance(doc, dict):
         raise ConfigError("config", f"{path} must hold a mapping of settings")
+    routes = None
+    if "routes" in doc:
+        routes = _read_routes(doc.pop("routes"), environ, errors)
+    top_level = sorted({*SECTIONS, *(k for k in DEFAULTS if "." not in k), "routes"})
+    out = _read_keys(doc, environ, errors, used, sections=SECTIONS, plain=DEFAULTS, prefix="",
+                     suggest=lambda key: did_you_mean(key, [*top_level, *DEFAULTS]))
+    return out, routes
+
+
+def _read_keys(
+    doc: Mapping[Any, Any], environ: Mapping[str, str], errors: _Collector, used: dict[str, list[str]], *,
+    sections: Collection[str], plain: Collection[str], prefix: str, suggest: Callable[[str], str],
+) -> dict[str, Any]:
+    """The dotted keys of one mapping: blocks among `sections`, plain keys among `plain`.
+    Errors name keys with `prefix` in front (`routes[prod].`)."""
     out: dict[str, Any] = {}
-    top_level = sorted({*SECTIONS, *(k for k in DEFAULTS if "." not in k)})
     for key, value in doc.items():
         key = str(key)
-        if key in SECTIONS:
+        if key in sections:
             if value is None:
                 continue
             if not isinstance(value, dict):
-                found.add(key, "must be a mapping")
+                errors.add(prefix + key, "must be a mapping")
                 continue
             for sub, subvalue in value.items():
                 dotted = f"{key}.{sub}"
                 if dotted not in DEFAULTS:
-                    found.add(dotted, "unknown key" + _suggest_sub(key, str(sub)))
+                    errors.add(prefix + dotted, "unknown key" + _suggest_sub(key, str(sub)))
                     continue
-                out[dotted] = found.get(_expand, subvalue, environ, dotted)
+                out[dotted] = errors.get(_expand, subvalue, environ, dotted, prefix)
                 _note_vars(used, dotted, subvalue)
-        elif key in DEFAULTS:
-            out[key] = found.get(_expand, value, environ, key)
+        elif key in plain:
+            out[key] = errors.get(_expand, value, environ, key, prefix)
             _note_vars(used, key, value)
         else:
-            found.add(key, "unknown key" + did_you_mean(key, [*top_level, *DEFAULTS]))
-    if own:
-        found.raise_any()
+            errors.add(prefix + key, "unknown key" + suggest(key))
     return out
+
+
+#: what a route sets besides its blocks
+ROUTE_KEYS = ("name", "listen")
+
+
+def _read_routes(value: Any, environ: Mapping[str, str], errors: _Collector) -> list[_RouteRaw] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        errors.add("routes", "expected a list of routes, each with a name and a listen address")
+        return []
+    routes = []
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            errors.add(f"routes[{index}]", "expected a mapping with name, listen and optional upstream, auth "
+                       "and forwarding blocks")
+            continue
+        name = entry.get("name")
+        label = name if isinstance(name, str) and ROUTE_NAME.fullmatch(name) else str(index)
+        used: dict[str, list[str]] = {}
+        values = _read_keys(entry, environ, errors, used, sections=ROUTE_SECTIONS, plain=ROUTE_KEYS,
+                            prefix=f"routes[{label}].",
+                            suggest=lambda key: did_you_mean(key, [*ROUTE_KEYS, *ROUTE_SECTIONS]))
+        routes.append(_RouteRaw(label, values, used))
+    return routes
 
 
 def _note_vars(used: dict[str, list[str]] | None, key: str, value: Any) -> None:
@@ -422,28 +557,104 @@ def _yaml_where(exc: Exception, text: str) -> str:
     return where + f"; the line: {line!r}"
 
 
-def _expand(value: Any, environ: Mapping[str, str], key: str) -> Any:
-    """`${VAR}` and `${VAR:-default}` in strings; an unset VAR without default is ''."""
+def _expand(value: Any, environ: Mapping[str, str], key: str, prefix: str = "") -> Any:
+    """`${VAR}` and `${VAR:-default}` in strings; an unset VAR without default is ''. Only
+    MAPPING_KEYS take a mapping (of scalars)."""
     if isinstance(value, str):
         return _VAR.sub(lambda m: environ.get(m[1]) or (m[2] or ""), value)
     if isinstance(value, list):
-        return [_expand(v, environ, key) for v in value]
+        return [_expand(v, environ, key, prefix) for v in value]
     if isinstance(value, dict):
-        raise ConfigError(key, "expected a value, not a mapping")
+        if key not in MAPPING_KEYS:
+            raise ConfigError(prefix + key, "expected a value, not a mapping")
+        return {str(k): _expand(v, environ, key, prefix) for k, v in value.items()}
     return value
 
 
 # --- typing and checking ----------------------------------------------------------------
 
 
-def _build(raw: Mapping[str, Any], *, config_file: str | None, errors: _Collector) -> Settings:
-    c = errors
+def _build(m: _Merged, *, errors: _Collector) -> Settings:
+    c, raw = errors, m.raw
+    if m.routes is None:
+        route = _route(DEFAULT_ROUTE, raw, m.egress_env, c)
+        routes = [route] if route is not None else []
+    else:
+        if m.source["listen"] != "default":
+            c.add("listen", f"set by {m.source['listen'].split(' via ')[0]}, but with routes: every route has its "
+                  "own listen address (routes[NAME].listen)")
+        routes = _named_routes(m, c)
+    admin_listen = c.get(_opt_address, raw, "admin_listen")
+    level = c.get(_choice, raw, "logging.level", ("debug", "info", "warning", "error"))
+    log_format = c.get(_choice, raw, "logging.format", ("json", "console", "auto"))
+    access_log = c.get(_bool, raw, "logging.access_log")
+    shutdown_timeout = c.get(_number, raw, "shutdown_timeout")
+    shutdown_delay = c.get(_number, raw, "shutdown_delay")
+    max_header_bytes = c.get(_number, raw, "limits.max_header_bytes", positive=True, integer=True)
+    c.raise_any()
+    return Settings(
+        routes=tuple(routes),
+        admin_listen=admin_listen,
+        logging=LoggingSettings(level=level, format=log_format, access_log=access_log),
+        shutdown_timeout=shutdown_timeout,
+        shutdown_delay=shutdown_delay,
+        limits=LimitsSettings(max_header_bytes=int(max_header_bytes)),
+        config_file=m.path,
+        named_routes=m.routes is not None,
+    )
+
+
+def _named_routes(m: _Merged, c: _Collector) -> list[Route]:
+    """Each route: its own keys over the top-level ones. An error in a key the route sets is
+    named `routes[NAME].KEY`; one in a key it inherits keeps the top-level name, once."""
+    routes: list[Route] = []
+    names: dict[str, str] = {}
+    addresses: dict[Address, str] = {}
+    shown = {str(e) for e in c.errors}
+    for entry in m.routes or ():
+        own = entry.values
+        found = _Collector()
+        name = own.get("name")
+        if name is None or name == "":
+            found.add("name", "missing; every route needs a unique name")
+        elif not isinstance(name, str) or not ROUTE_NAME.fullmatch(name):
+            found.add("name", "letters, digits, '_', '.' and '-' only, starting with a letter or digit, "
+                      "at most 63 characters")
+        elif name in names:
+            found.add("name", f"{name!r} names two routes")
+        else:
+            names[name] = entry.label
+        if "listen" not in own:
+            found.add("listen", "missing; every route has its own listen address")
+        route = _route(entry.label, {**m.raw, **own}, m.egress_env, found)
+        if route is not None:
+            if route.listen in addresses:
+                found.add("listen", f"{route.listen} is routes[{addresses[route.listen]}].listen too")
+            else:
+                addresses[route.listen] = entry.label
+        for error in found.errors:
+            key = f"routes[{entry.label}].{error.key}" if error.key in own or error.key in ROUTE_KEYS else error.key
+            if f"{key}: {error.problem}" not in shown:
+                shown.add(f"{key}: {error.problem}")
+                c.add(key, error.problem)
+        if route is not None and not found.errors:
+            routes.append(route)
+    return routes
+
+
+def _route(name: str, raw: Mapping[str, Any], egress_env: Mapping[str, tuple[str, str]],
+           c: _Collector) -> Route | None:
+    """One route's settings from its raw keys; None when any of them is wrong (in `c`)."""
+    start = c.count()
     before = c.count()
     upstream_url = c.get(_url, raw, "upstream.url")
     upstream_ok = c.count() == before
+    style = c.get(_choice, raw, "auth.style", AUTH_STYLES)
     secret_file, secret = c.get(_client_secret, raw) or (None, None)
-    client_id = c.get(_client_id, raw)
+    client_id = c.get(_client_id, raw, style)
+    scope, audience, extra_params = c.get(_oauth2_params, raw, style) or (None, None, ())
     ca_file = c.get(_ca_file, raw)
+    egress = c.get(_egress, raw, egress_env)
     before = c.count()
     backoff_initial = c.get(_number, raw, "auth.backoff_initial", positive=True)
     backoff_max = c.get(_number, raw, "auth.backoff_max", positive=True)
@@ -457,7 +668,6 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None, errors: _Collecto
     if upstream_ok and c.count() == before:
         c.get(_refuse_doubled_base_path, upstream_url, token_url, raw["auth.token_path"], allowed_paths)
     listen = c.get(_address, raw, "listen")
-    admin_listen = c.get(_opt_address, raw, "admin_listen")
     connect_timeout = c.get(_number, raw, "upstream.connect_timeout", positive=True)
     read_timeout = c.get(_number, raw, "upstream.read_timeout", positive=True)
     tls_verify = c.get(_bool, raw, "upstream.tls_verify")
@@ -468,16 +678,11 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None, errors: _Collecto
     replay_buffer_bytes = c.get(_number, raw, "forwarding.replay_buffer_bytes", integer=True)
     max_body_bytes = c.get(_number, raw, "forwarding.max_body_bytes", integer=True)
     allowed_clients = c.get(_networks, raw, "forwarding.allowed_clients")
-    level = c.get(_choice, raw, "logging.level", ("debug", "info", "warning", "error"))
-    log_format = c.get(_choice, raw, "logging.format", ("json", "console", "auto"))
-    access_log = c.get(_bool, raw, "logging.access_log")
-    shutdown_timeout = c.get(_number, raw, "shutdown_timeout")
-    shutdown_delay = c.get(_number, raw, "shutdown_delay")
-    max_header_bytes = c.get(_number, raw, "limits.max_header_bytes", positive=True, integer=True)
-    c.raise_any()
-    return Settings(
+    if c.count() != start:
+        return None
+    return Route(
+        name=name,
         listen=listen,
-        admin_listen=admin_listen,
         upstream=UpstreamSettings(
             url=upstream_url,
             connect_timeout=connect_timeout,
@@ -485,6 +690,7 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None, errors: _Collecto
             tls_verify=tls_verify,
             ca_file=ca_file,
             max_connections=int(max_connections),
+            egress=egress,
         ),
         auth=AuthSettings(
             token_url=token_url,
@@ -495,6 +701,10 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None, errors: _Collecto
             timeout=auth_timeout,
             backoff_initial=backoff_initial,
             backoff_max=backoff_max,
+            style=style,
+            scope=scope,
+            audience=audience,
+            extra_params=extra_params,
         ),
         forwarding=ForwardingSettings(
             retry_on_401=retry_on_401,
@@ -504,12 +714,56 @@ def _build(raw: Mapping[str, Any], *, config_file: str | None, errors: _Collecto
             allowed_clients=allowed_clients,
             inbound_token=Secret(inbound) if inbound is not None else None,
         ),
-        logging=LoggingSettings(level=level, format=log_format, access_log=access_log),
-        shutdown_timeout=shutdown_timeout,
-        shutdown_delay=shutdown_delay,
-        limits=LimitsSettings(max_header_bytes=int(max_header_bytes)),
-        config_file=config_file,
     )
+
+
+def _egress(raw: Mapping[str, Any], egress_env: Mapping[str, tuple[str, str]]) -> Egress:
+    """upstream.proxy (a URL, or `direct`); when unset, HTTPS_PROXY, HTTP_PROXY and NO_PROXY."""
+    value = _opt_str(raw, "upstream.proxy")
+    if value is not None:
+        if value.strip().lower() == DIRECT_WORD:
+            return DIRECT
+        try:
+            via = parse_proxy(value.strip())
+        except ValueError as exc:
+            raise ConfigError("upstream.proxy", f"{exc}; or {DIRECT_WORD} for no proxy") from None
+        return Egress(https=via, http=via)
+    found: dict[str, Any] = {}
+    for name in ("https_proxy", "http_proxy"):
+        if name in egress_env:
+            var, text = egress_env[name]
+            try:
+                found[name] = parse_proxy(text.strip())
+            except ValueError as exc:
+                raise ConfigError(var, f"{exc}; set upstream.proxy (a URL, or {DIRECT_WORD}) to override it") from None
+    no_proxy = parse_no_proxy(egress_env["no_proxy"][1]) if "no_proxy" in egress_env else ()
+    return Egress(https=found.get("https_proxy"), http=found.get("http_proxy"), no_proxy=no_proxy)
+
+
+def _oauth2_params(raw: Mapping[str, Any], style: str | None) -> tuple[str | None, str | None, tuple[tuple[str, str], ...]]:
+    """(scope, audience, extra_params): form fields of the OAuth2 styles; with `ndovu` (whose
+    call has no body) any of them is an error."""
+    scope = _opt_str(raw, "auth.scope")
+    audience = _opt_str(raw, "auth.audience")
+    value = raw["auth.extra_params"]
+    if value is None or value == "":
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError("auth.extra_params", "expected a mapping of form fields")
+    extra = []
+    for field_name, field_value in value.items():
+        if field_name in OWN_FORM_FIELDS:
+            raise ConfigError("auth.extra_params", f"{field_name} is set by the proxy"
+                              + ("; use auth.scope or auth.audience" if field_name in ("scope", "audience") else ""))
+        if isinstance(field_value, bool) or not isinstance(field_value, str | int | float):
+            raise ConfigError("auth.extra_params", f"{field_name}: expected a string")
+        extra.append((field_name, str(field_value)))
+    if style == "ndovu":
+        for key, given in (("auth.scope", scope), ("auth.audience", audience), ("auth.extra_params", extra)):
+            if given:
+                raise ConfigError(key, "only with auth.style client_secret_basic or client_secret_post "
+                                  "(Ndovu's auth call takes no body)")
+    return scope, audience, tuple(extra)
 
 
 def _client_secret(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -529,13 +783,14 @@ def _client_secret(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
     return None, secret
 
 
-def _client_id(raw: Mapping[str, Any]) -> str:
+def _client_id(raw: Mapping[str, Any], style: str | None) -> str:
     client_id = _opt_str(raw, "auth.client_id")
     if client_id is None:
         raise ConfigError("auth.client_id", "missing; set NDOVU_CLIENT_ID")
-    if ":" in client_id:
-        # Basic credentials are id:secret; an id with a colon cannot be told apart (RFC 7617 §2)
-        raise ConfigError("auth.client_id", "must not contain ':'")
+    if ":" in client_id and style == "ndovu":
+        # Basic credentials are the raw id:secret; an id with a colon cannot be told apart
+        # (RFC 7617 §2). The OAuth2 styles form-urlencode it (RFC 6749 §2.3.1).
+        raise ConfigError("auth.client_id", "must not contain ':' with auth.style ndovu")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in client_id):
         raise ConfigError("auth.client_id", "must not contain control characters")
     return client_id

@@ -127,7 +127,7 @@ def test_settings_never_show_the_secret() -> None:
     assert "raw-secret" not in repr(s)
     assert "inbound-xyz" not in repr(s)
     with pytest.raises(AttributeError):
-        s.listen = s.listen  # type: ignore[misc]  # frozen
+        s.admin_listen = s.admin_listen  # type: ignore[misc]  # frozen
 
 
 def test_the_example_file_is_valid_and_shows_the_defaults() -> None:

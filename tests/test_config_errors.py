@@ -77,7 +77,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "upstrem: unknown key; did you mean upstream?",
         "auth.client_secert: unknown key; did you mean auth.client_secret?",
         "auth.client_secret: missing; set NDOVU_CLIENT_SECRET or auth.client_secret_file",
-        "auth.client_id: must not contain ':'",
+        "auth.client_id: must not contain ':' with auth.style ndovu",
         "auth.backoff_max: must be at least auth.backoff_initial",
         "listen: expected HOST:PORT, got '8080'",
         "upstream.read_timeout: expected a number, got 'soon'",
