@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import signal
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 import structlog
 
 from proxy import logs
 from proxy.admin import Admin
-from proxy.config import Address, Settings, read_secret_file
+from proxy.config import Address, AuthSettings, Route, Settings, UpstreamSettings, read_secret_file
+from proxy.egress import is_loopback
 from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.logs import Redactor
@@ -46,51 +47,36 @@ ADMIN_BODY_TIMEOUT = 10.0
 ADMIN_DRAIN = 1.0
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 (also as ::ffff:127.x.x.x) and localhost: only this machine reaches it."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+def tls_context(upstream: UpstreamSettings) -> ssl.SSLContext | bool:
+    if not upstream.tls_verify:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext | bool:
-    up = settings.upstream
-    if not up.tls_verify:
-        return False
-    if up.ca_file:
-        return ssl.create_default_context(cafile=up.ca_file)
+    if upstream.ca_file:
+        return ssl.create_default_context(cafile=upstream.ca_file)
     return True
 
 
-def make_upstream(settings: Settings) -> Pool:
-    up = settings.upstream
-    return Pool(up.url, tls=tls_context(settings), limit=up.max_connections,
-                    connect_timeout=up.connect_timeout, read_timeout=up.read_timeout)
+def make_upstream(upstream: UpstreamSettings) -> Pool:
+    return Pool(upstream.url, tls=tls_context(upstream), limit=upstream.max_connections,
+                connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
+                via=upstream.egress.proxy_for(upstream.url))
 
 
-def make_session(settings: Settings) -> aiohttp.ClientSession:
+def make_session(upstream: UpstreamSettings) -> aiohttp.ClientSession:
     """The session for token requests (few, and simple)."""
-    up = settings.upstream
-    tls = tls_context(settings)
-    connector = aiohttp.TCPConnector(limit=up.max_connections, limit_per_host=0, ssl=tls, ttl_dns_cache=60)
+    connector = aiohttp.TCPConnector(limit=upstream.max_connections, limit_per_host=0, ssl=tls_context(upstream),
+                                     ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout, sock_read=up.read_timeout),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout,
+                                      sock_read=upstream.read_timeout),
         auto_decompress=False,  # Content-Encoding passes through untouched
         cookie_jar=aiohttp.DummyCookieJar(),  # one app's cookies must never reach another's request
         skip_auto_headers=NO_AUTO_HEADERS,
     )
 
 
-def secret_reader(settings: Settings, redactor: Redactor) -> Callable[[], str]:
+def secret_reader(auth: AuthSettings, redactor: Redactor) -> Callable[[], str]:
     """The client secret, read again at every token request when it lives in a file."""
-    auth = settings.auth
     if auth.client_secret_file is not None:
         path = auth.client_secret_file
 
@@ -104,6 +90,21 @@ def secret_reader(settings: Settings, redactor: Redactor) -> Callable[[], str]:
     value = auth.client_secret.reveal()
     redactor.add(value)
     return lambda: value
+
+
+def token_source(route: Route, session: aiohttp.ClientSession, redactor: Redactor) -> NdovuAuth:
+    """The route's token endpoint, reached through the egress proxy its URL calls for."""
+    auth = route.auth
+    via = route.upstream.egress.proxy_for(auth.token_url)
+    if via is not None and via.authorization is not None:
+        redactor.add(via.authorization.decode())
+    return NdovuAuth(
+        session, auth.token_url, auth.client_id, secret_reader(auth, redactor),
+        timeout=auth.timeout, user_agent=USER_AGENT, style=auth.style, scope=auth.scope,
+        audience=auth.audience, extra_params=auth.extra_params,
+        egress_proxy=via.url if via is not None else None,
+        proxy_authorization=via.authorization.decode() if via is not None and via.authorization else None,
+    )
 
 
 class ListenError(ConfigError):
@@ -136,29 +137,61 @@ async def bind(listener: Listener, key: str, where: Address) -> Address:
         raise ListenError(key, where, bind_failure(exc)) from None
 
 
+@dataclass(eq=False)
+class Lane:
+    """One route at run time: its listener, its pool, its counters, and the token cache it
+    uses (shared with every route whose auth has the same cache key)."""
+
+    route: Route
+    tokens: TokenCache
+    stats: Stats
+    upstream: Pool
+    listener: Listener | None = None
+    address: Address | None = None
+
+
 class Proxy:
     """The proxy as one object: `start()`, `reload()`, `stop()`.
 
     A `start()` that fails (a listener cannot bind) releases what it opened, logs nothing and
-    raises; `stop()` after it is quiet. Nothing goes to the auth endpoint before both listeners
-    are bound."""
+    raises; `stop()` after it is quiet. Nothing goes to the auth endpoint before every listener
+    is bound. `tokens`, `stats`, `upstream` and `address` are the first route's (the only one
+    without `routes:`); `lanes` has them all."""
 
     def __init__(self, settings: Settings, *, redactor: Redactor | None = None, clock: Clock | None = None) -> None:
         self.settings = settings
         self.redactor = redactor or Redactor()
         self._clock = clock
-        self.stats = Stats()
-        self.session: aiohttp.ClientSession | None = None
-        self.tokens: TokenCache | None = None
-        self.upstream: Pool | None = None
-        self._refresher: asyncio.Task[None] | None = None
-        self._listener: Listener | None = None
+        self.lanes: list[Lane] = []
+        #: token caches by AuthSettings.cache_key, with the session each fetches through
+        self._caches: dict[tuple[object, ...], tuple[TokenCache, aiohttp.ClientSession]] = {}
+        self._refreshers: list[asyncio.Task[None]] = []
         self._admin: Listener | None = None
         self._admin_handler: Admin | None = None
         self.draining = False
-        self.address: Address | None = None
         self.admin_address: Address | None = None
         self._started = False
+
+    # the first route's, for the common case of one
+    @property
+    def tokens(self) -> TokenCache | None:
+        return self.lanes[0].tokens if self.lanes else None
+
+    @property
+    def stats(self) -> Stats:
+        return self.lanes[0].stats if self.lanes else Stats()
+
+    @property
+    def upstream(self) -> Pool | None:
+        return self.lanes[0].upstream if self.lanes else None
+
+    @property
+    def address(self) -> Address | None:
+        return self.lanes[0].address if self.lanes else None
+
+    @property
+    def in_flight(self) -> int:
+        return sum(lane.stats.in_flight for lane in self.lanes)
 
     async def start(self) -> None:
         try:
@@ -168,95 +201,126 @@ class Proxy:
             raise
         self._started = True
 
+    def _cache_for(self, route: Route, users: list[str]) -> TokenCache:
+        key = route.auth.cache_key
+        if key not in self._caches:
+            auth = route.auth
+            session = make_session(route.upstream)
+            fields = {"route": ",".join(users)} if self.settings.named_routes else None
+            cache = TokenCache(
+                token_source(route, session, self.redactor),
+                refresh_margin=auth.refresh_margin,
+                timeout=auth.timeout,
+                backoff_initial=auth.backoff_initial,
+                backoff_max=auth.backoff_max,
+                clock=self._clock,
+                on_token=lambda t: self.redactor.add(t.value),
+                log_fields=fields,
+            )
+            self._caches[key] = (cache, session)
+        return self._caches[key][0]
+
     async def _start(self) -> None:
         s = self.settings
-        if s.forwarding.inbound_token is not None:
-            self.redactor.add(s.forwarding.inbound_token.reveal())
-        self.session = make_session(s)
-        source = NdovuAuth(
-            self.session, s.auth.token_url, s.auth.client_id, secret_reader(s, self.redactor),
-            timeout=s.auth.timeout, user_agent=USER_AGENT,
-        )
-        self.tokens = TokenCache(
-            source,
-            refresh_margin=s.auth.refresh_margin,
-            timeout=s.auth.timeout,
-            backoff_initial=s.auth.backoff_initial,
-            backoff_max=s.auth.backoff_max,
-            clock=self._clock,
-            on_token=lambda t: self.redactor.add(t.value),
-        )
-        access = logs.access_logger(self.redactor) if s.logging.access_log else None
-        self.upstream = make_upstream(s)
-        forwarder = Forwarder(s, self.upstream, self.tokens, self.stats, access)
-        # the admin listener binds first: it never asks for a token, while a request on the
-        # proxy's would; so no token is asked for until both are bound
+        users: dict[tuple[object, ...], list[str]] = {}
+        for route in s.routes:
+            users.setdefault(route.auth.cache_key, []).append(route.name)
+        for route in s.routes:
+            if route.forwarding.inbound_token is not None:
+                self.redactor.add(route.forwarding.inbound_token.reveal())
+            tokens = self._cache_for(route, users[route.auth.cache_key])
+            self.lanes.append(Lane(route, tokens, Stats(), make_upstream(route.upstream)))
+        # the admin listener binds first: it never asks for a token, while a request on a
+        # route's would; so no token is asked for until every listener is bound
         if s.admin_listen is not None:
-            admin = self._admin_handler = Admin(self.tokens, self.stats)
+            admin = self._admin_handler = Admin(
+                [(lane.route.name, lane.tokens, lane.stats) for lane in self.lanes], named=s.named_routes)
             self._admin = Listener(admin, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=ADMIN_BODY_TIMEOUT)
             self.admin_address = await bind(self._admin, "admin_listen", s.admin_listen)
-        self._listener = Listener(forwarder, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=s.upstream.read_timeout,
-                                  max_head=s.limits.max_header_bytes)
-        self.address = await bind(self._listener, "listen", s.listen)
-        # the first token is fetched in the background: the proxy already listens
-        self._refresher = asyncio.create_task(self.tokens.run(), name="token-refresher")
-        log.info(
-            "listening",
-            address=str(self.address),
-            admin_address=str(self.admin_address) if self.admin_address else None,
-            upstream=s.upstream.url,
-        )
-        if not is_loopback(s.listen.host) and not s.forwarding.allowed_clients and s.forwarding.inbound_token is None:
-            log.warning(
-                "listen_unrestricted",
-                address=str(self.address),
-                risk=f"anyone who can reach {self.address} can call the partner API with these credentials",
-                fix="set forwarding.allowed_clients (CIDRs) and/or forwarding.inbound_token "
-                    "(apps send it in X-Proxy-Token), or listen on 127.0.0.1",
+        for lane in self.lanes:
+            route = lane.route
+            name = route.name if s.named_routes else None
+            access = logs.access_logger(self.redactor, name) if s.logging.access_log else None
+            forwarder = Forwarder(route, lane.upstream, lane.tokens, lane.stats, access)
+            lane.listener = Listener(forwarder, idle_timeout=CLIENT_IDLE_TIMEOUT,
+                                     body_timeout=route.upstream.read_timeout, max_head=s.limits.max_header_bytes)
+            lane.address = await bind(lane.listener, f"routes[{name}].listen" if name else "listen", route.listen)
+        # the first tokens are fetched in the background: the proxy already listens
+        for cache, _ in self._caches.values():
+            self._refreshers.append(asyncio.create_task(cache.run(), name="token-refresher"))
+        for lane in self.lanes:
+            route = lane.route
+            fields = {"route": route.name} if s.named_routes else {}
+            via = route.upstream.egress.proxy_for(route.upstream.url)
+            log.info(
+                "listening",
+                address=str(lane.address),
+                admin_address=str(self.admin_address) if self.admin_address else None,
+                upstream=route.upstream.url,
+                **({"via": str(via)} if via is not None else {}),
+                **fields,
             )
+            fwd = route.forwarding
+            if not is_loopback(route.listen.host) and not fwd.allowed_clients and fwd.inbound_token is None:
+                log.warning(
+                    "listen_unrestricted",
+                    address=str(lane.address),
+                    risk=f"anyone who can reach {lane.address} can call the partner API with these credentials",
+                    fix="set forwarding.allowed_clients (CIDRs) and/or forwarding.inbound_token "
+                        "(apps send it in X-Proxy-Token), or listen on 127.0.0.1",
+                    **fields,
+                )
 
     async def reload(self) -> None:
-        """SIGHUP: a token with the credentials as they now stand; the current one stays on failure."""
-        assert self.tokens is not None
+        """SIGHUP: a token with the credentials as they now stand, for every token cache; the
+        current one stays on failure."""
         log.info("reload", action="fetching a token with the current credentials")
-        try:
-            token = await self.tokens.refresh_now()
-        except Exception as exc:  # noqa: BLE001 - already logged as token_refresh_failed
-            log.error("reload_failed", reason=getattr(exc, "kind", type(exc).__name__))
-        else:
-            log.info("reload_done", generation=token.generation)
+        results = await asyncio.gather(*(cache.refresh_now() for cache, _ in self._caches.values()),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):  # already logged as token_refresh_failed
+                log.error("reload_failed", reason=getattr(result, "kind", type(result).__name__))
+            else:
+                log.info("reload_done", generation=result.generation)
 
     def begin_draining(self) -> None:
-        """From SIGTERM on: /readyz answers 503 "draining"; the listener still accepts (for
-        shutdown_delay, in `serve`) until `stop()` closes it."""
+        """From SIGTERM on: /readyz answers 503 "draining"; the listeners still accept (for
+        shutdown_delay, in `serve`) until `stop()` closes them."""
         if self.draining:
             return
         self.draining = True
         if self._admin_handler is not None:
             self._admin_handler.draining = True
-        log.info("shutting_down", in_flight=self.stats.in_flight, delay_s=self.settings.shutdown_delay,
+        log.info("shutting_down", in_flight=self.in_flight, delay_s=self.settings.shutdown_delay,
                  drain_timeout_s=self.settings.shutdown_timeout)
+
+    async def _close_background(self) -> None:
+        for task in self._refreshers:
+            task.cancel()
+        for task in self._refreshers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._refreshers = []
+        for cache, session in self._caches.values():
+            await cache.close()
+            await session.close()
+        self._caches = {}
+        for lane in self.lanes:
+            await lane.upstream.close()
 
     async def _release(self) -> None:
         """Close whatever a failed `start()` opened, quietly: it never served."""
-        for listener in (self._listener, self._admin):
-            if listener is not None:
-                listener.close()
-                await listener.drain(0)
-        self._listener = self._admin = None
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
-        if self.tokens is not None:
-            await self.tokens.close()
-        if self.upstream is not None:
-            await self.upstream.close()
-            self.upstream = None
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        for lane in self.lanes:
+            if lane.listener is not None:
+                lane.listener.close()
+                await lane.listener.drain(0)
+                lane.listener = None
+        if self._admin is not None:
+            self._admin.close()
+            await self._admin.drain(0)
+            self._admin = None
+        await self._close_background()
+        self.lanes = []
         logs.flush()
 
     async def stop(self) -> None:
@@ -266,28 +330,24 @@ class Proxy:
             await self._release()
             return
         self.begin_draining()
-        in_flight = self.stats.in_flight
-        if self._listener is not None:
-            self._listener.close()  # new connections refused, idle ones closed
-            log.info("listener_closed", address=str(self.address))
-            # the admin listener answers meanwhile
-            if not await self._listener.drain(self.settings.shutdown_timeout):
-                log.warning("shutdown_cut", reason="requests still running past shutdown_timeout")
-            self._listener = None
+        in_flight = self.in_flight
+        listening = [lane for lane in self.lanes if lane.listener is not None]
+        for lane in listening:
+            assert lane.listener is not None
+            lane.listener.close()  # new connections refused, idle ones closed
+            log.info("listener_closed", address=str(lane.address))
+        # the admin listener answers meanwhile; every route drains within one shared bound
+        drained = await asyncio.gather(*(lane.listener.drain(self.settings.shutdown_timeout)
+                                         for lane in listening if lane.listener is not None))
+        if not all(drained):
+            log.warning("shutdown_cut", reason="requests still running past shutdown_timeout")
+        for lane in listening:
+            lane.listener = None
         if self._admin is not None:
             self._admin.close()
             await self._admin.drain(ADMIN_DRAIN)
             self._admin = None
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        if self.tokens is not None:
-            await self.tokens.close()
-        if self.upstream is not None:
-            await self.upstream.close()
-        if self.session is not None:
-            await self.session.close()
+        await self._close_background()
         log.info("stopped", drained=in_flight)
         logs.flush()
 

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from proxy import config, logs
-from proxy.app import USER_AGENT, Proxy, make_session, secret_reader, serve
+from proxy.app import Proxy, make_session, serve, token_source
 from proxy.errors import AuthError, ConfigError, CredentialsRejected, SecretUnreadable
-from proxy.ndovu import NdovuAuth
 
 if TYPE_CHECKING:
     from proxy.mock import MockNdovu
@@ -103,15 +102,24 @@ def _more_commands(sub: Any) -> None:
         "mock-upstream", help="a fake Ndovu Partner API for your app's tests",
         description="A fake Ndovu Partner API: POST /api/v3/partners/auth with the real semantics, "
         "GET /api/v3/partners/products (a sample catalogue), and every other path under "
-        "/api/v3/partners/ echoing the request as JSON. For tests of an app's retry paths: "
+        "/api/v3/partners/ echoing the request as JSON. With --style oauth2 the auth path is an "
+        "OAuth2 token endpoint instead (RFC 6749 client credentials: a form body with "
+        "grant_type=client_credentials, the client authenticated by client_secret_basic or "
+        "client_secret_post; errors as RFC 6749 JSON), for a proxy with auth.style "
+        "client_secret_basic or client_secret_post. For tests of an app's retry paths: "
         "POST /_mock/expire and POST /_mock/revoke end every token issued so far; "
-        "GET /_mock/stats counts auth calls and requests.")
+        "GET /_mock/stats counts auth calls and requests (and shows the last token request's "
+        "scope and audience).")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8081", help="default 127.0.0.1:8081")
     # the defaults are the demo's (proxy.mock); spelled out here so that `serve` never loads
     # the fake API and aiohttp's web framework with it
     p.add_argument("--client-id", help="accepted client id (default demo-client)")
     p.add_argument("--client-secret", help="accepted raw client secret (default demo-secret)")
     p.add_argument("--token-ttl", type=float, default=3600, metavar="S", help="token lifetime in seconds (default 3600)")
+    p.add_argument("--style", choices=("ndovu", "oauth2"), default="ndovu",
+                   help="the auth endpoint's semantics: ndovu (Basic over the raw id:secret, no body; "
+                   "the default) or oauth2 (RFC 6749 client credentials, client_secret_basic or "
+                   "client_secret_post)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,47 +215,66 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     # check talks on stdout; only warnings and errors go to the log
     redactor = logs.configure("warning", settings.logging.format, buffered=True)
     print(f"config:   OK ({settings.config_file or 'no file; environment and defaults'})")
-    print(f"auth:     POST {settings.auth.token_url} as client {settings.auth.client_id!r}")
     sources = {key: source for key, (_, source) in config.effective(_flags(args), environ).items()}
-    print(f"secret:   {secret_source(settings, sources)} (the secret itself is never shown)")
-    return int(_run(_check(settings, redactor)))
+    return int(_run(_check_all(settings, sources, redactor)))
 
 
-def secret_source(settings: config.Settings, sources: Mapping[str, str]) -> str:
+async def _check_all(settings: config.Settings, sources: Mapping[str, str], redactor: logs.Redactor) -> int:
+    """Every route, one after another; the worst code wins (0 < 1 < 2 < 3)."""
+    return max([await _check(route, settings, sources, redactor) for route in settings.routes])
+
+
+def secret_source(auth: config.AuthSettings, config_file: str | None, sources: Mapping[str, str],
+                  prefix: str = "") -> str:
     """Where the client secret comes from, in the words of the setting that gave it (never its
     value): `NDOVU_CLIENT_SECRET`, `auth.client_secret in FILE`, `NDOVU_CLIENT_SECRET_FILE: PATH`,
     `auth.client_secret_file: PATH (in FILE)`; with the secret that the file overrides, if any.
-    `sources` are config.effective's, by key."""
+    `sources` are config.effective's, by key; `prefix` is a route's (`routes[prod].`), whose own
+    keys win over the top-level ones."""
 
     def given(key: str) -> str | None:
+        if prefix and prefix + key in sources:
+            return f"{prefix}{key} in {config_file}"
         source = sources.get(key, "default")
         if source.startswith("env "):
             return source.removeprefix("env ")
         if source.startswith("file "):
-            return f"{key} in {settings.config_file}"
+            return f"{key} in {config_file}"
         return None
 
     secret = given("auth.client_secret")
-    path = settings.auth.client_secret_file
+    path = auth.client_secret_file
     if path is None:
         return secret or "auth.client_secret"
     where = given("auth.client_secret_file") or "auth.client_secret_file"
-    where = f"{where}: {path}" if where.startswith("NDOVU_") else f"auth.client_secret_file: {path} (in {settings.config_file})"
+    if where.startswith("NDOVU_"):
+        where = f"{where}: {path}"
+    else:
+        key = where.split(" in ")[0]
+        where = f"{key}: {path} (in {config_file})"
     if secret is not None:
         where += f"; {secret} is set too: the file wins"
     return where
 
 
-async def _check(settings: config.Settings, redactor: logs.Redactor) -> int:
-    async with make_session(settings) as session:
-        source = NdovuAuth(
-            session, settings.auth.token_url, settings.auth.client_id, secret_reader(settings, redactor),
-            timeout=settings.auth.timeout, user_agent=USER_AGENT,
-        )
+async def _check(route: config.Route, settings: config.Settings, sources: Mapping[str, str],
+                 redactor: logs.Redactor) -> int:
+    auth = route.auth
+    if settings.named_routes:
+        print(f"route:    {route.name} (listen {route.listen})")
+    style = "" if auth.style == "ndovu" else f" ({auth.style})"
+    print(f"auth:     POST {auth.token_url} as client {auth.client_id!r}{style}")
+    prefix = f"routes[{route.name}]." if settings.named_routes else ""
+    print(f"secret:   {secret_source(auth, settings.config_file, sources, prefix)} (the secret itself is never shown)")
+    via = route.upstream.egress.proxy_for(auth.token_url)
+    if via is not None:
+        print(f"proxy:    via {via}")
+    async with make_session(route.upstream) as session:
+        source = token_source(route, session, redactor)
         try:
-            grant = await asyncio.wait_for(source.fetch(), settings.auth.timeout)
+            grant = await asyncio.wait_for(source.fetch(), auth.timeout)
         except TimeoutError:
-            print(f"token:    FAILED: no answer within auth.timeout ({settings.auth.timeout:g}s)")
+            print(f"token:    FAILED: no answer within auth.timeout ({auth.timeout:g}s)")
             return EXIT_UNREACHABLE
         except SecretUnreadable as exc:  # the file went away after the config was read
             print(f"token:    FAILED: {exc.detail}")
@@ -317,7 +344,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
     if args.token_ttl <= 0:
         raise ConfigError("--token-ttl", "must be greater than 0")
     logs.configure("info", "auto")
-    fake = mock.MockNdovu(args.client_id, args.client_secret, args.token_ttl)
+    fake = mock.MockNdovu(args.client_id, args.client_secret, args.token_ttl, style=args.style)
     return int(_run(_mock(fake, where)))
 
 
@@ -332,7 +359,7 @@ async def _mock(fake: MockNdovu, where: config.Address) -> int:
         print(f"ndovu-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        structlog.get_logger("proxy.mock").info("mock_listening", address=str(address))
+        structlog.get_logger("proxy.mock").info("mock_listening", address=str(address), style=fake.style)
         print(f"fake Ndovu Partner API on http://{address}", flush=True)
         await stop.wait()
     finally:

@@ -627,7 +627,7 @@ def _named_routes(m: _Merged, c: _Collector) -> list[Route]:
         if "listen" not in own:
             found.add("listen", "missing; every route has its own listen address")
         route = _route(entry.label, {**m.raw, **own}, m.egress_env, found)
-        if route is not None:
+        if route is not None and route.listen.port != 0:  # port 0: each gets a free port of its own
             if route.listen in addresses:
                 found.add("listen", f"{route.listen} is routes[{addresses[route.listen]}].listen too")
             else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -24,51 +24,55 @@ class TokenState(Protocol):
 
 
 class ProxyCollector(Collector):
-    """Builds the metric families at scrape time from `Stats` and the token cache."""
+    """Builds the metric families at scrape time from each route's `Stats` and token cache.
+    With `named` routes every family has a `route` label (routes that share a token cache
+    show the same token figures)."""
 
-    def __init__(self, stats: Stats, tokens: TokenState) -> None:
-        self._stats = stats
-        self._tokens = tokens
+    def __init__(self, routes: Sequence[tuple[str, TokenState, Stats]], *, named: bool) -> None:
+        self._routes = routes
+        self._named = named
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        s = self._stats
+        route = ("route",) if self._named else ()
+
+        def labels(name: str, *values: str) -> list[str]:
+            return [*values, name] if self._named else list(values)
+
         requests = CounterMetricFamily(
             "ndovu_proxy_requests", "Responses sent to clients, the proxy's own included.",
-            labels=("method", "status_class"),
+            labels=("method", "status_class", *route),
         )
-        for (method, status_class), n in sorted(s.requests.items()):
-            requests.add_metric((method, status_class), n)
-        yield requests
-        yield HistogramMetricFamily(
+        latency = HistogramMetricFamily(
             "ndovu_proxy_upstream_latency_seconds",
             "Time to the upstream's response headers, one observation per attempt.",
-            buckets=s.latency_buckets(),
-            sum_value=s.latency_sum,
+            labels=route,
         )
-        yield CounterMetricFamily(
-            "ndovu_proxy_replays", "Requests replayed after an upstream 401.", value=s.replays
-        )
+        replays = CounterMetricFamily("ndovu_proxy_replays", "Requests replayed after an upstream 401.", labels=route)
         fetches = CounterMetricFamily(
             "ndovu_proxy_token_fetches", "Token requests to the auth endpoint by result.",
-            labels=("result",),
+            labels=("result", *route),
         )
-        for result in ("success", "rejected", "error"):
-            fetches.add_metric((result,), self._tokens.fetches[result])
-        yield fetches
-        left = self._tokens.seconds_left()
-        yield GaugeMetricFamily(
+        expires = GaugeMetricFamily(
             "ndovu_proxy_token_expires_in_seconds",
-            "Seconds until the current token expires (0 when there is none).",
-            value=max(0.0, left) if left is not None else 0.0,
+            "Seconds until the current token expires (0 when there is none).", labels=route,
         )
-        yield GaugeMetricFamily(
-            "ndovu_proxy_in_flight_requests", "Requests being handled now.", value=s.in_flight
-        )
+        in_flight = GaugeMetricFamily("ndovu_proxy_in_flight_requests", "Requests being handled now.", labels=route)
+        for name, tokens, s in self._routes:
+            for (method, status_class), n in sorted(s.requests.items()):
+                requests.add_metric(labels(name, method, status_class), n)
+            latency.add_metric(labels(name), buckets=s.latency_buckets(), sum_value=s.latency_sum)
+            replays.add_metric(labels(name), s.replays)
+            for result in ("success", "rejected", "error"):
+                fetches.add_metric(labels(name, result), tokens.fetches[result])
+            left = tokens.seconds_left()
+            expires.add_metric(labels(name), max(0.0, left) if left is not None else 0.0)
+            in_flight.add_metric(labels(name), s.in_flight)
+        yield from (requests, latency, replays, fetches, expires, in_flight)
 
 
-def registry(stats: Stats, tokens: TokenState) -> CollectorRegistry:
+def registry(routes: Sequence[tuple[str, TokenState, Stats]], *, named: bool) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=True)
-    reg.register(ProxyCollector(stats, tokens))
+    reg.register(ProxyCollector(routes, named=named))
     return reg
 
 

@@ -32,7 +32,7 @@ from typing import Protocol
 import structlog
 
 from proxy import paths
-from proxy.config import Settings
+from proxy.config import Route
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -128,21 +128,21 @@ class _Outcome:
 
 class Forwarder:
     def __init__(
-        self, settings: Settings, upstream: Pool, tokens: TokenProvider, stats: Stats,
+        self, route: Route, upstream: Pool, tokens: TokenProvider, stats: Stats,
         access_log: AccessLog | None = None,
     ) -> None:
         self._upstream = upstream
         self._tokens = tokens
         self._stats = stats
-        fwd = settings.forwarding
+        fwd = route.forwarding
         self._allowed_paths = fwd.allowed_paths
         self._allowed_clients = fwd.allowed_clients
         self._inbound_token = fwd.inbound_token.reveal().encode() if fwd.inbound_token else None
         self._retry_on_401 = fwd.retry_on_401
         self._replay_limit = fwd.replay_buffer_bytes if fwd.retry_on_401 else 0
         self._max_body = fwd.max_body_bytes
-        self._body_timeout = settings.upstream.read_timeout
-        self._upstream_prefixes = upstream_prefixes(settings.upstream.url)
+        self._body_timeout = route.upstream.read_timeout
+        self._upstream_prefixes = upstream_prefixes(route.upstream.url)
         self._access_log = access_log
         # request ids: unique, not secret; a random per-process prefix and a counter cost far
         # less than 16 random bytes a request

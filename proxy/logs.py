@@ -242,8 +242,9 @@ class _Clock:
 AccessLog = Callable[[str, str, int, "int | None", float, bool, str], None]
 
 
-def access_logger(redactor: Redactor) -> AccessLog | None:
-    """The one event per request, `access`; None when the level hides info lines.
+def access_logger(redactor: Redactor, route: str | None = None) -> AccessLog | None:
+    """The one event per request, `access`; None when the level hides info lines. `route`,
+    when given (the config has `routes:`), is a key of every line.
 
     In JSON it is one function that renders the known fields straight to a line (the same
     keys and values as the processor chain would give) and hands it to the writer: no
@@ -255,6 +256,8 @@ def access_logger(redactor: Redactor) -> AccessLog | None:
         return None
     if _format != "json" or _writer is None:
         logger = structlog.get_logger("proxy.access")
+        if route is not None:
+            logger = logger.bind(route=route)
 
         def console(method: str, path: str, status: int, upstream_status: int | None,
                     duration_ms: float, replayed: bool, request_id: str) -> None:
@@ -265,6 +268,7 @@ def access_logger(redactor: Redactor) -> AccessLog | None:
     clock = _Clock()
     scrub = redactor.scrub
     write = _writer.info
+    route_field = f'"route": {_json_str(route)}, ' if route is not None else ""
 
     def access(method: str, path: str, status: int, upstream_status: int | None,
                duration_ms: float, replayed: bool, request_id: str) -> None:
@@ -272,7 +276,7 @@ def access_logger(redactor: Redactor) -> AccessLog | None:
             f'{{"method": {_json_str(method)}, "path": {_json_str(scrub(path))}, '
             f'"status": {int(status)}, "upstream_status": {"null" if upstream_status is None else int(upstream_status)}, '
             f'"duration_ms": {duration_ms:.3f}, "replayed": {"true" if replayed else "false"}, '
-            f'"request_id": {_json_str(scrub(request_id))}, "event": "access", "level": "info", '
+            f'"request_id": {_json_str(scrub(request_id))}, {route_field}"event": "access", "level": "info", '
             f'"timestamp": "{clock.now()}"}}'
         )
 

@@ -38,7 +38,7 @@ def proxy_env(fake: FakeNdovu, **extra: str) -> dict[str, str]:
     [
         ({"NDOVU_CLIENT_ID": "x"}, "auth.client_secret: missing; set NDOVU_CLIENT_SECRET or auth.client_secret_file"),
         ({"NDOVU_CLIENT_ID": "x", "NDOVU_CLIENT_SECRET": "y", "NDOVU_UPSTREAM_URL": "localhost:80"}, "upstream.url: not a valid http(s) URL"),
-        ({"NDOVU_CLIENT_ID": "a:b", "NDOVU_CLIENT_SECRET": "y"}, "auth.client_id: must not contain ':'"),
+        ({"NDOVU_CLIENT_ID": "a:b", "NDOVU_CLIENT_SECRET": "y"}, "auth.client_id: must not contain ':' with auth.style ndovu"),
     ],
 )
 async def test_bad_config_exits_1_with_one_message_naming_the_key(command: MakeCommand, env: dict[str, str], message: str) -> None:

@@ -134,7 +134,7 @@ async def test_a_failed_start_releases_what_it_opened_and_stops_silently(
     assert str(caught.value) == f"listen 127.0.0.1:{taken_port}: address already in use"
     assert caught.value.key == "listen"
     assert port_is_free(admin_port)  # the listener it did bind is closed again
-    assert proxy.session is None and proxy.upstream is None
+    assert proxy.tokens is None and proxy.upstream is None
     await proxy.stop()  # as serve() does in its finally: nothing to say
     events = [json.loads(line)["event"] for line in log_buffer.getvalue().splitlines() if line]
     assert not SHUTDOWN_EVENTS & set(events), events
