@@ -13,6 +13,11 @@ Invariants:
 - The background refresher renews `refresh_margin` seconds before expiry, clamped to half
   the lifetime so a short-lived token is not renewed continuously.
 
+- Lifetimes are counted on a clock that keeps running while the machine is suspended
+  (CLOCK_BOOTTIME on Linux), so a token that expired during a laptop's sleep is never sent;
+  since asyncio's timers stand still during a suspend, the refresher looks at the clock at
+  least every RECHECK_INTERVAL seconds rather than sleeping until the renewal is due.
+
 The clock and the random source are injected, so tests drive time by hand.
 """
 
@@ -20,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,14 +49,35 @@ from proxy.errors import (
 log = structlog.get_logger("proxy.tokens")
 
 
+#: the longest the refresher sleeps before it looks at the clock again: asyncio's timers stop
+#: while the machine is suspended, so a laptop that slept past the refresh time wakes into a
+#: refresher still waiting for it; a bounded sleep notices within this many seconds
+RECHECK_INTERVAL = 5.0
+
+
+def _elapsed_clock() -> Callable[[], float]:
+    """CLOCK_BOOTTIME where there is one (Linux): `time.monotonic()` stops while a Linux
+    machine is suspended, so a one-hour token would look fresh after a two-hour sleep; the
+    boot-time clock keeps counting. Elsewhere `time.monotonic()` (which on macOS and Windows
+    already counts suspended time). Never the wall clock, which can jump."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return time.monotonic
+    try:
+        time.clock_gettime(boottime)
+    except OSError:
+        return time.monotonic
+    return functools.partial(time.clock_gettime, boottime)
+
+
 class Clock(Protocol):
-    def monotonic(self) -> float: ...
+    def monotonic(self) -> float: ...  # seconds that keep counting while the machine sleeps
     def time(self) -> float: ...
     async def sleep(self, seconds: float) -> None: ...
 
 
 class SystemClock:
-    monotonic = staticmethod(time.monotonic)
+    monotonic = staticmethod(_elapsed_clock())
     time = staticmethod(time.time)
     sleep = staticmethod(asyncio.sleep)
 
@@ -109,8 +136,11 @@ class TokenCache:
         clock: Clock | None = None,
         rand: Callable[[], float] = random.random,
         on_token: Callable[[Token], None] | None = None,
+        log_fields: Mapping[str, object] | None = None,
     ) -> None:
         self._source = source
+        #: token events carry these (the routes that share the cache, when the config names routes)
+        self._log = log.bind(**log_fields) if log_fields else log
         self._refresh_margin = refresh_margin
         self._timeout = timeout
         self._backoff_initial = backoff_initial
@@ -168,7 +198,7 @@ class TokenCache:
         """Drop `stale` if it is still current (the upstream said 401 to it). True if dropped."""
         if self._token is not None and self._token.generation == stale.generation:
             self._token = None
-            log.info("token_invalidated", generation=stale.generation)
+            self._log.info("token_invalidated", generation=stale.generation)
             self._changed.set()
             return True
         return False
@@ -187,7 +217,7 @@ class TokenCache:
             self._changed.clear()
             delay = self._next_refresh_in()
             if delay > 0:
-                await self._sleep_or_change(delay)
+                await self._sleep_or_change(min(delay, RECHECK_INTERVAL))
                 continue
             with contextlib.suppress(AuthError):
                 await asyncio.shield(self._start_fetch())
@@ -260,7 +290,7 @@ class TokenCache:
         self._next_attempt_at = 0.0
         self.last_error = None
         self.fetches["success"] += 1
-        log.info("token_acquired", lifetime_s=round(grant.lifetime, 3), generation=token.generation)
+        self._log.info("token_acquired", lifetime_s=round(grant.lifetime, 3), generation=token.generation)
         return token
 
     def _failed(self, exc: AuthError) -> None:
@@ -273,11 +303,11 @@ class TokenCache:
         self.fetches[exc.result] += 1
         fields = {"reason": exc.kind, "detail": exc.detail, "next_attempt_in_s": round(delay, 3)}
         if isinstance(exc, CredentialsRejected):
-            log.error("token_refresh_failed", status=exc.status, hint=exc.hint, **fields)
+            self._log.error("token_refresh_failed", status=exc.status, hint=exc.hint, **fields)
         elif isinstance(exc, SecretUnreadable):  # no request was sent; the operator must act
-            log.error("token_refresh_failed", **fields)
+            self._log.error("token_refresh_failed", **fields)
         else:
-            log.warning("token_refresh_failed", **fields)
+            self._log.warning("token_refresh_failed", **fields)
 
     def backoff_delay(self, failures: int) -> float:
         """Delay before attempt `failures + 1`: half fixed, half jitter, never above the cap."""

@@ -5,12 +5,13 @@ turns either: a test waits for the refresher to park on the clock again (`FakeCl
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.errors import AuthUnreachable, BadAuthResponse, CredentialsRejected, RateLimited, TokenUnavailable
-from proxy.tokens import Grant, TokenCache
+from proxy.tokens import RECHECK_INTERVAL, Grant, SystemClock, TokenCache
 from tests.fakes import FakeClock
 
 
@@ -256,3 +257,37 @@ async def test_cancelling_the_refresher_ends_it_even_as_a_fetch_completes(source
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(refresher, 2)
     await cache.close()
+
+
+# --- a laptop that sleeps ---------------------------------------------------------------------
+
+
+async def test_a_token_that_expired_while_the_machine_slept_is_never_used(
+    running: TokenCache, source: ScriptedSource, clock: FakeClock,
+) -> None:
+    first = await running.get()
+    clock.suspend(2 * 3600)  # a two-hour sleep; the refresher's timer has not fired
+    token = await running.get()
+    assert token.value != first.value and source.calls == 2
+
+
+async def test_the_refresher_notices_a_sleep_within_its_recheck_interval(
+    running: TokenCache, source: ScriptedSource, clock: FakeClock,
+) -> None:
+    # the token (lifetime 100, margin clamped to 50) is due for renewal at +50; the machine
+    # sleeps for an hour at +10. Awake again, the refresher looks within RECHECK_INTERVAL
+    # seconds of timer time and renews before any request asks.
+    await clock.step(10)
+    clock.suspend(3600)
+    assert running.valid_token() is None
+    await clock.step(RECHECK_INTERVAL)
+    assert source.calls == 2 and running.valid_token() is not None
+
+
+def test_lifetimes_count_on_a_clock_that_runs_through_suspend() -> None:
+    elapsed = SystemClock.monotonic
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        assert abs(elapsed() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1
+    else:
+        assert abs(elapsed() - time.monotonic()) < 1
+    assert abs(elapsed() - time.time()) > 1  # never the wall clock
