@@ -7,9 +7,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-# uvloop (the `fast` extra) ships as a wheel: no compiler needed
+# uvloop (a dependency on Linux) ships as a wheel: no compiler needed
 RUN python -m venv /opt/ndovu \
- && /opt/ndovu/bin/pip install ".[fast]" \
+ && /opt/ndovu/bin/pip install . \
  && /opt/ndovu/bin/pip uninstall -y pip
 
 FROM python:3.12-slim

@@ -248,6 +248,7 @@ class Proxy:
         # the first tokens are fetched in the background: the proxy already listens
         for cache, _ in self._caches.values():
             self._refreshers.append(asyncio.create_task(cache.run(), name="token-refresher"))
+        loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
         for lane in self.lanes:
             route = lane.route
             fields = {"route": route.name} if s.named_routes else {}
@@ -255,6 +256,7 @@ class Proxy:
             log.info(
                 "listening",
                 address=str(lane.address),
+                loop=loop,
                 admin_address=str(self.admin_address) if self.admin_address else None,
                 upstream=route.upstream.url,
                 **({"via": str(via)} if via is not None else {}),

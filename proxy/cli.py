@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop when it is installed (the `fast` extra), else on asyncio's own loop."""
+    """Run on uvloop (a dependency on Linux and macOS), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:

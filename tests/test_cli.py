@@ -243,6 +243,15 @@ async def test_demo_runs_with_no_credentials_and_prints_a_curl_line(command: Mak
     assert await cmd.wait() == 0
 
 
+async def test_serve_runs_on_uvloop_where_it_is_a_dependency_and_says_so(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = await command("serve", env=proxy_env(fake)).start()
+    e = await cmd.event("listening")
+    # pyproject.toml installs uvloop on Linux and macOS; elsewhere asyncio's own loop runs
+    assert e["loop"] == ("uvloop" if sys.platform in ("linux", "darwin") else "asyncio")
+    cmd.signal(signal.SIGTERM)
+    assert await cmd.wait() == 0
+
+
 async def test_mock_upstream_command(command: MakeCommand) -> None:
     cmd = await command("mock-upstream", "--listen", "127.0.0.1:0", "--client-id", "me", "--client-secret", "pw", "--token-ttl", "60").start()
     line = await cmd.wait_for(lambda item: isinstance(item, str) and item.startswith("fake Ndovu Partner API on "))
