@@ -1,9 +1,11 @@
-"""Assembles the running proxy: the token cache and its refresher, the upstream pool, the
-proxy listener and the admin listener; and how they start, reload and stop.
+"""Assembles the running proxy and how it starts, reloads and stops: per route (one, named
+`default`, without `routes:`) a listener, an upstream pool, its counters and a token cache,
+caches shared by routes with the same `AuthSettings.cache_key`; per cache a refresher and, for
+a secret file, a watcher; one admin listener for all.
 
-Both listeners are `proxy.wire`'s: the proxy's hands every request to the forwarder (a
-proxy has no routes; a router would answer `CONNECT host:port` with 404 before any
-handler could refuse it properly), the admin one to `proxy.admin`.
+Every listener is `proxy.wire`'s: a route's hands every request to its forwarder (a proxy has
+no URL routes; a router would answer `CONNECT host:port` with 404 before any handler could
+refuse it properly), the admin one to `proxy.admin`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from proxy.forward import Forwarder
 from proxy.logs import Redactor
 from proxy.metrics import Stats
 from proxy.ndovu import NdovuAuth
+from proxy.rotation import SecretFileWatcher
 from proxy.tokens import Clock, TokenCache
 from proxy.wire import Listener, Pool
 
@@ -245,9 +248,13 @@ class Proxy:
             lane.listener = Listener(forwarder, idle_timeout=CLIENT_IDLE_TIMEOUT,
                                      body_timeout=route.upstream.read_timeout, max_head=s.limits.max_header_bytes)
             lane.address = await bind(lane.listener, f"routes[{name}].listen" if name else "listen", route.listen)
+        # a secret file is watched from before the first fetch, so no change is missed
+        watchers = [SecretFileWatcher(path, cache.refresh_now) for path, cache in self._secret_files()]
         # the first tokens are fetched in the background: the proxy already listens
         for cache, _ in self._caches.values():
             self._refreshers.append(asyncio.create_task(cache.run(), name="token-refresher"))
+        for watcher in watchers:
+            self._refreshers.append(asyncio.create_task(watcher.run(), name="secret-file-watcher"))
         loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
         for lane in self.lanes:
             route = lane.route
@@ -272,6 +279,16 @@ class Proxy:
                         "(apps send it in X-Proxy-Token), or listen on 127.0.0.1",
                     **fields,
                 )
+
+    def _secret_files(self) -> list[tuple[str, TokenCache]]:
+        """(secret file, the token cache that reads it), once each: a rotated file means a
+        new token (SPEC: Shutdown and reload)."""
+        seen: dict[tuple[object, ...], str] = {}
+        for lane in self.lanes:
+            path = lane.route.auth.client_secret_file
+            if path is not None:
+                seen.setdefault(lane.route.auth.cache_key, path)
+        return [(path, self._caches[key][0]) for key, path in seen.items()]
 
     async def reload(self) -> None:
         """SIGHUP: a token with the credentials as they now stand, for every token cache; the
