@@ -1,20 +1,23 @@
 """The aiohttp proxy anyone writes first: the Python baseline of bench/run.py.
 
 It buffers whole bodies both ways and sets a static bearer header. Not part of ndovu-proxy.
-    python bench/naive_proxy.py PORT UPSTREAM_URL TOKEN
+    python bench/naive_proxy.py PORT UPSTREAM_URL TOKEN [CA_FILE]
 """
 
+import ssl
 import sys
 
 import aiohttp
 from aiohttp import web
 
 PORT, UPSTREAM, TOKEN = int(sys.argv[1]), sys.argv[2].rstrip("/"), sys.argv[3]
+# an https upstream's CA (bench/run.py makes its own); the session's default pool keeps connections
+TLS = ssl.create_default_context(cafile=sys.argv[4]) if len(sys.argv) > 4 else True
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host", "authorization", "content-length"}
 
 
 async def session_ctx(app: web.Application):
-    app["session"] = aiohttp.ClientSession(auto_decompress=False)
+    app["session"] = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(ssl=TLS))
     yield
     await app["session"].close()
 
