@@ -324,9 +324,10 @@ def _merge(flags: Mapping[str, Any], environ: Mapping[str, str], errors: _Collec
             source[key] = f"flag {key}"
     egress_env: dict[str, tuple[str, str]] = {}
     for name in EGRESS_ENV:
-        var = next((v for v in (name, name.upper()) if environ.get(v)), None)
-        if var is not None:
-            egress_env[name] = (var, environ[var])
+        for var in (name, name.upper()):
+            if environ.get(var):
+                egress_env[name] = (var, environ[var])
+                break
     return _Merged(raw, source, path, routes, egress_env)
 
 

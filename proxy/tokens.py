@@ -206,7 +206,14 @@ class TokenCache:
     # --- refreshing ---------------------------------------------------------------------
 
     async def refresh_now(self) -> Token:
-        """Fetch a token now, whatever the state (SIGHUP). On failure the current one stays."""
+        """Fetch a token now with the credentials as they now stand, whatever the state (SIGHUP,
+        a rotated secret file). On failure the current one stays."""
+        inflight = self._inflight
+        if inflight is not None:
+            # a fetch already under way may have read the secret before it changed: let it
+            # end, then ask again
+            with contextlib.suppress(AuthError):
+                await asyncio.shield(inflight)
         # shielded: a cancelled caller must neither cancel the shared fetch nor, should the
         # fetch finish at that moment, lose its own cancellation
         return await asyncio.shield(self._start_fetch())

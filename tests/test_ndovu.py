@@ -100,7 +100,7 @@ def _jwt(claims: dict[str, object]) -> str:
     return f"{enc({'alg': 'none'})}.{enc(claims)}.c2ln"
 
 
-@pytest.mark.parametrize("expires_in", [None, 0, -5, "3600", True, float("nan")])
+@pytest.mark.parametrize("expires_in", [None, 0, -5, "3600", True, float("nan"), float("inf"), 10**400])
 def test_lifetime_falls_back_to_the_jwt_exp_claim(expires_in: object) -> None:
     token = _jwt({"exp": int(time.time()) + 1234})
     doc = {"access_token": token, "token_type": "bearer"}

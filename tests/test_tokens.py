@@ -291,3 +291,17 @@ def test_lifetimes_count_on_a_clock_that_runs_through_suspend() -> None:
     else:
         assert abs(elapsed() - time.monotonic()) < 1
     assert abs(elapsed() - time.time()) > 1  # never the wall clock
+
+
+async def test_refresh_now_during_a_fetch_asks_again_after_it(source: ScriptedSource, clock: FakeClock) -> None:
+    # SIGHUP or a rotated secret while a renewal is under way: that renewal may have read the
+    # old secret, so a new request follows it
+    cache = make_cache(source, clock)
+    source.gate = asyncio.Event()
+    renewal = asyncio.create_task(cache.get())
+    await held(source)
+    reload = asyncio.create_task(cache.refresh_now())
+    source.gate.set()
+    assert (await renewal).generation == 1
+    token = await reload
+    assert source.calls == 2 and token.generation == 2 and cache.current is token
