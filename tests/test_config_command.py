@@ -96,3 +96,22 @@ def test_config_into_a_closed_pipe_prints_no_traceback() -> None:
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+async def test_config_shows_each_routes_own_keys_and_the_egress_variables(command: MakeCommand, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text('routes:\n  - name: prod\n    listen: "127.0.0.1:${PORT}"\n'
+                    f'    auth: {{client_secret: "{SECRET}"}}\n'
+                    '  - {name: dev, listen: "127.0.0.1:8081", upstream: {proxy: direct}}\n')
+    env = {"NDOVU_CLIENT_ID": "id-1", "NDOVU_CLIENT_SECRET": "top-secret-x", "PORT": "8080",
+           "https_proxy": f"http://user:{PASSWORD}@proxy.corp:3128", "HTTPS_PROXY": "http://ignored:1"}
+    cmd = command("config", "--config", str(path), env=env)
+    assert await cmd.run() == 0, cmd.output()
+    by_key = lines_by_key(cmd.stdout)
+    assert by_key["routes[prod].listen"] == f"routes[prod].listen = 127.0.0.1:8080  # file {path} via ${{PORT}}"
+    assert by_key["routes[prod].auth.client_secret"] == f"routes[prod].auth.client_secret = <set>  # file {path}"
+    assert by_key["routes[dev].upstream.proxy"] == f"routes[dev].upstream.proxy = direct  # file {path}"
+    # the lower-case variable wins, as curl reads them; its password is masked
+    assert by_key["env.https_proxy"] == "env.https_proxy = http://user:<set>@proxy.corp:3128  # env https_proxy"
+    assert "env.HTTPS_PROXY" not in by_key
+    assert SECRET not in cmd.output() and PASSWORD not in cmd.output() and "top-secret-x" not in cmd.output()
