@@ -201,6 +201,10 @@ class Forwarder:
             return RequestTimeout(f"no byte of the request body for {self._body_timeout:g} s")
         if isinstance(exc, wire.BadFraming):  # the app's body turned out malformed
             return self._refusal(exc.kind, request_id)
+        if isinstance(exc, wire.OriginError):
+            # the app's answer says only "cannot connect"; the operator needs the why (refused,
+            # a TLS failure, an egress proxy's 407): the pool's words hold no secret
+            log.warning("upstream_failed", error=type(exc).__name__, reason=str(exc), request_id=request_id)
         if isinstance(exc, wire.OriginTimeout):
             return UpstreamTimeout("the partner API did not answer in time")
         if isinstance(exc, wire.ConnectFailed):

@@ -51,6 +51,10 @@ _RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP | PROXY_SIGNALS | _FRA
 Headers = Sequence[tuple[bytes, bytes]]
 
 
+#: Connection values that name no other header
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
 def connection_named(values: Iterable[bytes]) -> frozenset[bytes]:
     """The header names listed in Connection values, lower-cased."""
     names = set()
@@ -77,8 +81,10 @@ def _shape(raw: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
             # (nginx drops names with underscores by default)
             continue
         kept.append((name, value))
-    if named:  # RFC 9110 §7.6.1: what Connection names is for this hop only
-        hop = connection_named(named) - drop  # most name only keep-alive or close
+    # RFC 9110 §7.6.1: what Connection names is for this hop only. Most messages name only
+    # keep-alive or close, which are dropped anyway: no need to split and compare.
+    if named and not all(value.lower() in _PLAIN_CONNECTION for value in named):
+        hop = connection_named(named) - drop
         if hop:
             kept = [pair for pair in kept if pair[0].lower() not in hop]
     return kept

@@ -309,11 +309,8 @@ class NdovuAuth:
         return CredentialsRejected(detail, status=status, hint=hint)
 
 
-# both newer than aiohttp 3.10.0, the oldest supported: looked up, not imported
-_DNS_ERROR: tuple[type[BaseException], ...] = tuple(
-    c for c in (getattr(aiohttp, "ClientConnectorDNSError", None),) if isinstance(c, type))
-_CONNECT_TIMEOUT: tuple[type[BaseException], ...] = tuple(
-    c for c in (getattr(aiohttp, "ConnectionTimeoutError", None),) if isinstance(c, type))
+_DNS_ERROR: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorDNSError,)
+_CONNECT_TIMEOUT: tuple[type[BaseException], ...] = (aiohttp.ConnectionTimeoutError,)
 #: what OpenSSL says when the other end answers a ClientHello in plain text
 _PLAIN_HTTP_SIGNS = ("wrong_version_number", "wrong version number", "http_request", "http request",
                      "record layer failure", "packet length too long", "unknown protocol")

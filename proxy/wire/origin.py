@@ -52,11 +52,15 @@ class Answer:
 
 
 class OriginConnection(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float, *, via: str | None = None) -> None:
+        """`via`: the egress proxy the connection goes through, as logs show it (no credentials)."""
         self._loop = loop
         self._read_timeout = read_timeout
         self.transport: asyncio.Transport | None = None
         self._peer: str | None = None
+        # through an egress proxy, `peer` is the proxy: the debug events say so
+        self._log_via: dict[str, str] = {"via": via} if via is not None else {}
+        self.lost: asyncio.Future[None] = loop.create_future()  # done once the connection is closed
         self.drain = Drain(loop)
         self.should_close = False
         self.answered = False  # a byte of the current exchange's answer has arrived
@@ -146,7 +150,7 @@ class OriginConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
-        log.debug("upstream_connection_opened", peer=self._peer)
+        log.debug("upstream_connection_opened", peer=self._peer, **self._log_via)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
@@ -202,9 +206,11 @@ class OriginConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         log.debug("upstream_connection_closed", peer=self._peer, by="proxy" if self._ours else "upstream",
-                  error=type(exc).__name__ if exc is not None else None)
+                  error=type(exc).__name__ if exc is not None else None, **self._log_via)
         self.should_close = True
         self.transport = None
+        if not self.lost.done():
+            self.lost.set_result(None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -13,6 +13,12 @@ Invariants:
 - a request whose pooled connection turns out to be closed by the origin before any answer
   (a keep-alive race) is sent again once, on a new connection, if its body can be re-sent
   and either it was not written at all or its method is idempotent.
+
+Through an egress proxy (`via`): an https origin is reached through a CONNECT tunnel
+(`proxy.wire.tunnel`), TLS inside it with the origin's name; an http origin gets its requests
+in absolute form, with Proxy-Authorization, on keep-alive connections to the proxy. Either
+way the origin's name is resolved by the proxy, never here, and a 407 (which only a proxy
+sends) fails with ConnectFailed rather than reaching the app as the origin's answer.
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ from proxy.wire.errors import ConnectFailed, ConnectTimeout, Disconnected, NotSe
 from proxy.wire.http import IDEMPOTENT, Headers, content_length, find, render
 from proxy.wire.origin import Answer, OriginConnection
 from proxy.wire.stream import Body
+from proxy.wire.tunnel import Via, authority, open_tunnel, printable, reason_of
 
 #: seconds an idle connection is kept (origins commonly close theirs after 60-75 s)
 KEEPALIVE_TIMEOUT = 15.0
+
+#: seconds `close()` waits for its connections to be closed
+CLOSE_WAIT = 1.0
 
 RequestBody = bytes | AsyncIterator[bytes] | None
 
@@ -93,7 +103,8 @@ class Response:
 
 class Pool:
     def __init__(self, url: str, *, tls: ssl.SSLContext | bool, limit: int,
-                 connect_timeout: float, read_timeout: float) -> None:
+                 connect_timeout: float, read_timeout: float, via: Via | None = None) -> None:
+        """`via`: the egress proxy to reach `url` through (None: directly)."""
         parts = urlsplit(url)
         self.scheme = parts.scheme
         self._host = parts.hostname or ""
@@ -103,6 +114,14 @@ class Pool:
         self.host_header = host if default_port else f"{host}:{self._port}"
         self._host_line = self.host_header.encode()
         self._base_path = parts.path.rstrip("/").encode()  # upstream.url's base path, kept before every target
+        self.via = via
+        self._via_name = str(via) if via is not None else None  # no credentials in it (Via's contract)
+        self._via_where = authority(via.host, via.port) if via is not None else ""  # for error messages
+        # an http origin through a proxy: absolute-form targets, each request authorised to the proxy
+        self._forwarded = via is not None and parts.scheme == "http"
+        self._target_prefix = (b"http://" + self._host_line if self._forwarded else b"") + self._base_path
+        self._proxy_line = (b"Proxy-Authorization: %s\r\n" % via.authorization
+                            if self._forwarded and via is not None and via.authorization is not None else b"")
         self._ssl: ssl.SSLContext | None = None
         if parts.scheme == "https":
             self._ssl = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
@@ -123,16 +142,38 @@ class Pool:
 
     async def _connect(self) -> OriginConnection:
         loop = asyncio.get_running_loop()
+        via = self.via
+        through = f" through the egress proxy {self._via_where}" if via is not None else ""
+
+        def factory() -> OriginConnection:
+            return OriginConnection(loop, self._read_timeout, via=self._via_name)
+
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                transport, proto = await loop.create_connection(
-                    lambda: OriginConnection(loop, self._read_timeout), self._host, self._port,
-                    ssl=self._ssl, server_hostname=self._host if self._ssl else None,
-                )
+            async with asyncio.timeout(self._connect_timeout):  # connect, CONNECT and TLS, all of it
+                if via is None:
+                    _, proto = await loop.create_connection(
+                        factory, self._host, self._port,
+                        ssl=self._ssl, server_hostname=self._host if self._ssl else None,
+                    )
+                elif self._ssl is None:  # http: requests go to the proxy in absolute form
+                    try:
+                        _, proto = await loop.create_connection(factory, via.host, via.port)
+                    except OSError as exc:
+                        raise ConnectFailed(
+                            f"cannot connect to the egress proxy {self._via_where}: {reason_of(exc)}") from exc
+                else:  # https: TLS with the origin, inside a tunnel through the proxy
+                    sock = await open_tunnel(loop, via, self._host, self._port)
+                    try:
+                        _, proto = await loop.create_connection(
+                            factory, sock=sock, ssl=self._ssl, server_hostname=self._host)
+                    except BaseException:
+                        sock.close()  # a failed handshake may leave it to us
+                        raise
         except TimeoutError:
-            raise ConnectTimeout(f"no connection to {self.host_header} within {self._connect_timeout:g} s") from None
+            raise ConnectTimeout(
+                f"no connection to {self.host_header}{through} within {self._connect_timeout:g} s") from None
         except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
-            raise ConnectFailed(f"cannot connect to {self.host_header}: {exc.strerror or exc}") from exc
+            raise ConnectFailed(f"cannot connect to {self.host_header}{through}: {reason_of(exc)}") from exc
         return proto  # TCP_NODELAY is set by asyncio and uvloop alike
 
     def _take_idle(self) -> OriginConnection | None:
@@ -170,9 +211,17 @@ class Pool:
         self._in_use -= 1
 
     async def close(self) -> None:
+        """Close the idle connections, and return once they are closed (their
+        upstream_connection_closed logged), at most CLOSE_WAIT later: a TLS close waits for
+        the origin's close_notify. Connections in use close when their responses are done."""
         self._closed = True
+        closing = []
         while self._idle:
-            self._idle.pop()[0].close()
+            proto = self._idle.pop()[0]
+            proto.close()
+            closing.append(proto.lost)
+        if closing:
+            await asyncio.wait(closing, timeout=CLOSE_WAIT)
 
     # --- one request --------------------------------------------------------------------
 
@@ -221,9 +270,9 @@ class Pool:
             framing = b"Content-Length: 0\r\n"  # RFC 9110 §8.6: a request that would carry content
         else:
             framing = b""
-        return b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
-            method.encode("ascii"), self._base_path, target.encode("ascii", "surrogateescape"),
-            self._host_line, render(headers), framing,
+        return b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s%s%s\r\n" % (
+            method.encode("ascii"), self._target_prefix, target.encode("ascii", "surrogateescape"),
+            self._host_line, self._proxy_line, render(headers), framing,
         )
 
     async def _exchange(self, proto: OriginConnection, method: str, head: bytes, body: RequestBody,
@@ -242,6 +291,11 @@ class Pool:
                 writer = asyncio.ensure_future(self._write_body(proto, body, chunked=chunked))
                 writer.add_done_callback(_retrieve)  # its failure is told through the protocol
             result = await answer
+            if result.status == 407 and self._forwarded:
+                # only a proxy asks a client to authenticate to it (RFC 9110 §15.5.8): the
+                # origin never saw this request, and its app must not take this for its answer
+                raise ConnectFailed(f"the egress proxy {self._via_where} refused the request to "
+                                    f"{self.host_header}: 407 {printable(result.reason)}".rstrip())
             if writer is not None and writer.done() and not writer.cancelled():
                 failure = writer.exception()
                 if failure is not None:
