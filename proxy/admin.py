@@ -15,14 +15,14 @@ from typing import Any
 
 from proxy.metrics import Stats
 from proxy.tokens import TokenCache
-from proxy.wire import Request
+from proxy.wire import Pool, Request
 
 JSON = "application/json; charset=utf-8"
 Answer = tuple[int, bytes, str]  # status, body, content type
 
 
-#: one route as the admin listener sees it: its name, its token cache, its counters
-RouteView = tuple[str, TokenCache, Stats]
+#: one route as the admin listener sees it: its name, its token cache, its counters, its pool
+RouteView = tuple[str, TokenCache, Stats, Pool]
 
 
 class Exporter:
@@ -127,13 +127,13 @@ class Admin:
         first = self._routes[0][1]
         if self.draining:
             return _json({"ready": False, "reason": "draining", "last_error": first.last_error}, 503)
-        reasons = {name: reason for name, tokens, _ in self._routes
+        reasons = {name: reason for name, tokens, *_ in self._routes
                    if (reason := not_ready_reason(tokens)) is not None}
         if not reasons:
             return _json({"ready": True})
         if not self._named:
             return _json({"ready": False, "reason": reasons[self._routes[0][0]], "last_error": first.last_error}, 503)
-        errors = {tokens.last_error for name, tokens, _ in self._routes if name in reasons and tokens.last_error}
+        errors = {tokens.last_error for name, tokens, *_ in self._routes if name in reasons and tokens.last_error}
         names = ", ".join(reasons)
         return _json({"ready": False, "reason": f"no valid token for route{'s' if len(reasons) > 1 else ''} {names}",
                       "last_error": ", ".join(sorted(errors)) or None,
@@ -146,4 +146,4 @@ class Admin:
     def tokenz(self) -> Answer:
         if not self._named:
             return _json(token_state(self._routes[0][1]))
-        return _json({"routes": {name: token_state(tokens) for name, tokens, _ in self._routes}})
+        return _json({"routes": {name: token_state(tokens) for name, tokens, *_ in self._routes}})

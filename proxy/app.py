@@ -237,7 +237,7 @@ class Proxy:
         # route's would; so no token is asked for until every listener is bound
         if s.admin_listen is not None:
             admin = self._admin_handler = Admin(
-                [(lane.route.name, lane.tokens, lane.stats) for lane in self.lanes], named=s.named_routes)
+                [(lane.route.name, lane.tokens, lane.stats, lane.upstream) for lane in self.lanes], named=s.named_routes)
             self._admin = Listener(admin, idle_timeout=CLIENT_IDLE_TIMEOUT, body_timeout=ADMIN_BODY_TIMEOUT)
             self.admin_address = await bind(self._admin, "admin_listen", s.admin_listen)
         for lane in self.lanes:

@@ -23,12 +23,19 @@ class TokenState(Protocol):
     def seconds_left(self) -> float | None: ...
 
 
+class ConnectionCount(Protocol):
+    opened: int
+
+
+RouteFigures = tuple[str, TokenState, Stats, ConnectionCount]
+
+
 class ProxyCollector(Collector):
     """Builds the metric families at scrape time from each route's `Stats` and token cache.
     With `named` routes every family has a `route` label (routes that share a token cache
     show the same token figures)."""
 
-    def __init__(self, routes: Sequence[tuple[str, TokenState, Stats]], *, named: bool) -> None:
+    def __init__(self, routes: Sequence[RouteFigures], *, named: bool) -> None:
         self._routes = routes
         self._named = named
 
@@ -57,7 +64,11 @@ class ProxyCollector(Collector):
             "Seconds until the current token expires (0 when there is none).", labels=route,
         )
         in_flight = GaugeMetricFamily("ndovu_proxy_in_flight_requests", "Requests being handled now.", labels=route)
-        for name, tokens, s in self._routes:
+        opened = CounterMetricFamily(
+            "ndovu_proxy_upstream_connections_opened",
+            "Connections opened to the upstream (over https, one TLS handshake each).", labels=route,
+        )
+        for name, tokens, s, pool in self._routes:
             for (method, status_class), n in sorted(s.requests.items()):
                 requests.add_metric(labels(name, method, status_class), n)
             latency.add_metric(labels(name), buckets=s.latency_buckets(), sum_value=s.latency_sum)
@@ -67,10 +78,11 @@ class ProxyCollector(Collector):
             left = tokens.seconds_left()
             expires.add_metric(labels(name), max(0.0, left) if left is not None else 0.0)
             in_flight.add_metric(labels(name), s.in_flight)
-        yield from (requests, latency, replays, fetches, expires, in_flight)
+            opened.add_metric(labels(name), pool.opened)
+        yield from (requests, latency, replays, fetches, expires, in_flight, opened)
 
 
-def registry(routes: Sequence[tuple[str, TokenState, Stats]], *, named: bool) -> CollectorRegistry:
+def registry(routes: Sequence[RouteFigures], *, named: bool) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=True)
     reg.register(ProxyCollector(routes, named=named))
     return reg

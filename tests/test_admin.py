@@ -105,6 +105,8 @@ async def test_metrics(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.C
     assert fetches[(("result", "rejected"),)] == 0 and fetches[(("result", "error"),)] == 0
     assert 3500 < m["ndovu_proxy_token_expires_in_seconds"][()] <= 3600
     assert m["ndovu_proxy_in_flight_requests"][()] == 0
+    # six exchanges one after another on one kept-alive connection, the 401's included
+    assert m["ndovu_proxy_upstream_connections_opened_total"][()] == 1
 
 
 async def test_in_flight_gauge_counts_open_requests(start_proxy: StartProxy, fake: FakeNdovu, http: aiohttp.ClientSession) -> None:

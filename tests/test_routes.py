@@ -171,6 +171,7 @@ async def test_admin_speaks_of_every_route(
     assert 'ndovu_proxy_in_flight_requests{route="prod"} 0.0' in metrics
     # one histogram per route
     assert metrics.count('ndovu_proxy_upstream_latency_seconds_count{route=') == 2
+    assert 'ndovu_proxy_upstream_connections_opened_total{route="prod"} 1.0' in metrics
 
 
 async def test_readyz_is_ready_once_every_route_holds_a_token(

@@ -137,6 +137,9 @@ class Pool:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._closed = False
+        #: connections opened so far (over https, each one TLS handshake): keep-alive at work
+        #: shows as few of these for many requests
+        self.opened = 0
 
     # --- connections --------------------------------------------------------------------
 
@@ -174,6 +177,7 @@ class Pool:
                 f"no connection to {self.host_header}{through} within {self._connect_timeout:g} s") from None
         except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
             raise ConnectFailed(f"cannot connect to {self.host_header}{through}: {reason_of(exc)}") from exc
+        self.opened += 1
         return proto  # TCP_NODELAY is set by asyncio and uvloop alike
 
     def _take_idle(self) -> OriginConnection | None:
