@@ -1,6 +1,6 @@
 """Two builds of ndovu-proxy side by side, interleaved, on bench/run.py's upstream and load.
 
-    python bench/compare.py --baseline DIR [--baseline-python PY] [--rounds 3] [--seconds 5]
+    python bench/compare.py --baseline DIR [--baseline-python PY] [--rounds 3] [--seconds 5] [--upstream plain|tls]
 
 DIR is another checkout of the project (e.g. `git worktree add /tmp/base <commit>`), run with
 PY (a Python that has that checkout's dependencies; default: this one) and PYTHONPATH=DIR.
@@ -32,13 +32,12 @@ SCENARIOS = {"GET small c64": "rps", "POST 4KiB c16": "rps", "GET small c1": "p5
 class Build(run.Contender):
     """ndovu-proxy from a given checkout, in its default configuration."""
 
-    def __init__(self, name: str, tmp: Path, up_port: int, tree: Path, python: str) -> None:
-        super().__init__("ndovu-proxy", tmp, up_port)
+    def __init__(self, name: str, tmp: Path, upstream: str, certs: run.Certs, tree: Path, python: str) -> None:
+        super().__init__("ndovu-proxy", tmp, upstream, certs)
         self.label, self.tree, self.python = name, tree, python
 
     def command(self) -> list[str]:
-        return [self.python, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--admin-listen", f"127.0.0.1:{run.free_port()}", "--upstream", f"http://127.0.0.1:{self.up_port}"]
+        return [self.python, *super().command()[1:]]
 
     def start(self) -> None:
         env = {**os.environ, "NDOVU_CLIENT_ID": "bench", "NDOVU_CLIENT_SECRET": "bench-secret",
@@ -61,6 +60,7 @@ def main() -> int:
     parser.add_argument("--baseline-python", default=sys.executable, help="the Python to run it with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--upstream", choices=run.KINDS, default="plain", help="the upstream's kind (default plain)")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -69,22 +69,25 @@ def main() -> int:
     scenarios = [s for s in run.SCENARIOS if s.name in SCENARIOS]
     tmp = Path(tempfile.mkdtemp(prefix="ndovu-compare-"))
     os.chmod(tmp, 0o755)
-    up_port = run.free_port()
+    certs = run.make_certs(tmp)
+    ports = {kind: run.free_port() for kind in run.KINDS}
     upstream = subprocess.Popen(
-        ["taskset", "-c", run.LOAD_CPU, "nginx", "-c", str(run.nginx_conf(tmp, "upstream", run.upstream_server(up_port, tmp)))],
+        ["taskset", "-c", run.LOAD_CPU, "nginx", "-c",
+         str(run.nginx_conf(tmp, "upstream", run.upstream_servers(ports, tmp, certs)))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    origin = f"{'https' if args.upstream == 'tls' else 'http'}://127.0.0.1:{ports[args.upstream]}"
     figures: dict[tuple[str, str], list[float]] = {}
     invalid = False
     try:
-        run.wait_port(up_port, upstream)
+        run.wait_port(ports[args.upstream], upstream)
         for n in range(args.rounds):
             for label, tree, python in builds if n % 2 == 0 else builds[::-1]:
-                build = Build(label, tmp, up_port, tree, python)
+                build = Build(label, tmp, origin, certs, tree, python)
                 try:
                     build.start()
                     base = f"http://127.0.0.1:{build.port}"
-                    run.warm(base, False)
+                    run.warm(base, False, certs.ca)
                     assert build.proc is not None
                     for scenario in scenarios:
                         cpu = cpu_seconds(build.proc.pid)
