@@ -9,18 +9,20 @@ problem found in one load, each naming its dotted key, so that one run shows the
 from __future__ import annotations
 
 import difflib
-import ipaddress
-import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit
 
-from proxy.egress import DIRECT, DIRECT_WORD, Egress, parse_no_proxy, parse_proxy
-from proxy.errors import ConfigError, SecretFileError
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from proxy import values
+from proxy.egress import DIRECT, Egress
+from proxy.errors import ConfigError
+# the values a setting takes, and two readers, are part of this module's API too
+from proxy.values import Address as Address
+from proxy.values import IPNetwork as IPNetwork
+from proxy.values import Secret as Secret
+from proxy.values import parse_address as parse_address
+from proxy.values import read_secret_file as read_secret_file
 
 #: environment variable -> dotted key it sets
 ENV_KEYS: Mapping[str, str] = {
@@ -80,8 +82,6 @@ ROUTE_SECTIONS = ("upstream", "auth", "forwarding")
 MAPPING_KEYS = frozenset({"auth.extra_params"})
 #: auth.style: how the client authenticates at the token endpoint
 AUTH_STYLES = ("ndovu", "client_secret_basic", "client_secret_post")
-#: form fields the proxy sets itself in an OAuth2 token request
-OWN_FORM_FIELDS = frozenset({"grant_type", "client_id", "client_secret", "scope", "audience"})
 #: a route's name: a metric label value and part of `routes[NAME].key` in errors
 ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
@@ -135,38 +135,6 @@ def did_you_mean(word: str, known: Sequence[str]) -> str:
     """`; did you mean X?` when one known name is close to `word`, else ''."""
     close = difflib.get_close_matches(word, known, n=1)
     return f"; did you mean {close[0]}?" if close else ""
-
-
-class Secret:
-    """A string that never shows itself in a repr, a log line or a traceback."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,30 +356,6 @@ def _mask_url_passwords(value: Any) -> Any:
     return value
 
 
-def read_secret_file(path: str) -> str:
-    """The secret in `path`, minus one trailing newline (\\n or \\r\\n) and nothing else.
-
-    Raises `SecretFileError` saying why in plain words (`cannot read PATH: No such file or
-    directory`, `... Permission denied`, `PATH is a directory`, `PATH is empty`): `load` turns
-    it into a config error, a token request into `SecretUnreadable`."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = fh.read()
-    except IsADirectoryError as exc:
-        raise SecretFileError(path, f"{path} is a directory, not a file") from exc
-    except OSError as exc:
-        raise SecretFileError(path, f"cannot read {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise SecretFileError(path, f"{path} is not UTF-8 text") from exc
-    if value.endswith("\r\n"):
-        value = value[:-2]
-    elif value.endswith("\n"):
-        value = value[:-1]
-    if not value:
-        raise SecretFileError(path, f"{path} is empty")
-    return value
-
-
 # --- the file -------------------------------------------------------------------------
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -585,13 +529,13 @@ def _build(m: _Merged, *, errors: _Collector) -> Settings:
             c.add("listen", f"set by {m.source['listen'].split(' via ')[0]}, but with routes: every route has its "
                   "own listen address (routes[NAME].listen)")
         routes = _named_routes(m, c)
-    admin_listen = c.get(_opt_address, raw, "admin_listen")
-    level = c.get(_choice, raw, "logging.level", ("debug", "info", "warning", "error"))
-    log_format = c.get(_choice, raw, "logging.format", ("json", "console", "auto"))
-    access_log = c.get(_bool, raw, "logging.access_log")
-    shutdown_timeout = c.get(_number, raw, "shutdown_timeout")
-    shutdown_delay = c.get(_number, raw, "shutdown_delay")
-    max_header_bytes = c.get(_number, raw, "limits.max_header_bytes", positive=True, integer=True)
+    admin_listen = c.get(values.opt_address, raw, "admin_listen")
+    level = c.get(values.choice, raw, "logging.level", ("debug", "info", "warning", "error"))
+    log_format = c.get(values.choice, raw, "logging.format", ("json", "console", "auto"))
+    access_log = c.get(values.boolean, raw, "logging.access_log")
+    shutdown_timeout = c.get(values.number, raw, "shutdown_timeout")
+    shutdown_delay = c.get(values.number, raw, "shutdown_delay")
+    max_header_bytes = c.get(values.number, raw, "limits.max_header_bytes", positive=True, integer=True)
     c.raise_any()
     return Settings(
         routes=tuple(routes),
@@ -648,37 +592,37 @@ def _route(name: str, raw: Mapping[str, Any], egress_env: Mapping[str, tuple[str
     """One route's settings from its raw keys; None when any of them is wrong (in `c`)."""
     start = c.count()
     before = c.count()
-    upstream_url = c.get(_url, raw, "upstream.url")
+    upstream_url = c.get(values.url, raw, "upstream.url")
     upstream_ok = c.count() == before
-    style = c.get(_choice, raw, "auth.style", AUTH_STYLES)
-    secret_file, secret = c.get(_client_secret, raw) or (None, None)
-    client_id = c.get(_client_id, raw, style)
-    scope, audience, extra_params = c.get(_oauth2_params, raw, style) or (None, None, ())
-    ca_file = c.get(_ca_file, raw)
-    egress = c.get(_egress, raw, egress_env)
+    style = c.get(values.choice, raw, "auth.style", AUTH_STYLES)
+    secret_file, secret = c.get(values.client_secret, raw) or (None, None)
+    client_id = c.get(values.client_id, raw, style)
+    scope, audience, extra_params = c.get(values.oauth2_params, raw, style) or (None, None, ())
+    ca_file = c.get(values.ca_file, raw)
+    egress = c.get(values.egress, raw, egress_env)
     before = c.count()
-    backoff_initial = c.get(_number, raw, "auth.backoff_initial", positive=True)
-    backoff_max = c.get(_number, raw, "auth.backoff_max", positive=True)
+    backoff_initial = c.get(values.number, raw, "auth.backoff_initial", positive=True)
+    backoff_max = c.get(values.number, raw, "auth.backoff_max", positive=True)
     if c.count() == before and backoff_max < backoff_initial:
         c.add("auth.backoff_max", "must be at least auth.backoff_initial")
-    inbound = c.get(_opt_str, raw, "forwarding.inbound_token")
+    inbound = c.get(values.opt_str, raw, "forwarding.inbound_token")
     before = c.count()
     # a bad upstream.url is reported once, on its own key; the token path is still checked
-    token_url = c.get(_token_url, raw, upstream_url if upstream_ok else "http://upstream.invalid")
-    allowed_paths = c.get(_paths, raw, "forwarding.allowed_paths")
+    token_url = c.get(values.token_url, raw, upstream_url if upstream_ok else "http://upstream.invalid")
+    allowed_paths = c.get(values.paths, raw, "forwarding.allowed_paths")
     if upstream_ok and c.count() == before:
-        c.get(_refuse_doubled_base_path, upstream_url, token_url, raw["auth.token_path"], allowed_paths)
-    listen = c.get(_address, raw, "listen")
-    connect_timeout = c.get(_number, raw, "upstream.connect_timeout", positive=True)
-    read_timeout = c.get(_number, raw, "upstream.read_timeout", positive=True)
-    tls_verify = c.get(_bool, raw, "upstream.tls_verify")
-    max_connections = c.get(_number, raw, "upstream.max_connections", positive=True, integer=True)
-    refresh_margin = c.get(_number, raw, "auth.refresh_margin")
-    auth_timeout = c.get(_number, raw, "auth.timeout", positive=True)
-    retry_on_401 = c.get(_bool, raw, "forwarding.retry_on_401")
-    replay_buffer_bytes = c.get(_number, raw, "forwarding.replay_buffer_bytes", integer=True)
-    max_body_bytes = c.get(_number, raw, "forwarding.max_body_bytes", integer=True)
-    allowed_clients = c.get(_networks, raw, "forwarding.allowed_clients")
+        c.get(values.refuse_doubled_base_path, upstream_url, token_url, raw["auth.token_path"], allowed_paths)
+    listen = c.get(values.address, raw, "listen")
+    connect_timeout = c.get(values.number, raw, "upstream.connect_timeout", positive=True)
+    read_timeout = c.get(values.number, raw, "upstream.read_timeout", positive=True)
+    tls_verify = c.get(values.boolean, raw, "upstream.tls_verify")
+    max_connections = c.get(values.number, raw, "upstream.max_connections", positive=True, integer=True)
+    refresh_margin = c.get(values.number, raw, "auth.refresh_margin")
+    auth_timeout = c.get(values.number, raw, "auth.timeout", positive=True)
+    retry_on_401 = c.get(values.boolean, raw, "forwarding.retry_on_401")
+    replay_buffer_bytes = c.get(values.number, raw, "forwarding.replay_buffer_bytes", integer=True)
+    max_body_bytes = c.get(values.number, raw, "forwarding.max_body_bytes", integer=True)
+    allowed_clients = c.get(values.networks, raw, "forwarding.allowed_clients")
     if c.count() != start:
         return None
     return Route(
@@ -716,261 +660,3 @@ def _route(name: str, raw: Mapping[str, Any], egress_env: Mapping[str, tuple[str
             inbound_token=Secret(inbound) if inbound is not None else None,
         ),
     )
-
-
-def _egress(raw: Mapping[str, Any], egress_env: Mapping[str, tuple[str, str]]) -> Egress:
-    """upstream.proxy (a URL, or `direct`); when unset, HTTPS_PROXY, HTTP_PROXY and NO_PROXY."""
-    value = _opt_str(raw, "upstream.proxy")
-    if value is not None:
-        if value.strip().lower() == DIRECT_WORD:
-            return DIRECT
-        try:
-            via = parse_proxy(value.strip())
-        except ValueError as exc:
-            raise ConfigError("upstream.proxy", f"{exc}; or {DIRECT_WORD} for no proxy") from None
-        return Egress(https=via, http=via)
-    found: dict[str, Any] = {}
-    for name in ("https_proxy", "http_proxy"):
-        if name in egress_env:
-            var, text = egress_env[name]
-            try:
-                found[name] = parse_proxy(text.strip())
-            except ValueError as exc:
-                raise ConfigError(var, f"{exc}; set upstream.proxy (a URL, or {DIRECT_WORD}) to override it") from None
-    no_proxy = parse_no_proxy(egress_env["no_proxy"][1]) if "no_proxy" in egress_env else ()
-    return Egress(https=found.get("https_proxy"), http=found.get("http_proxy"), no_proxy=no_proxy)
-
-
-def _oauth2_params(raw: Mapping[str, Any], style: str | None) -> tuple[str | None, str | None, tuple[tuple[str, str], ...]]:
-    """(scope, audience, extra_params): form fields of the OAuth2 styles; with `ndovu` (whose
-    call has no body) any of them is an error."""
-    scope = _opt_str(raw, "auth.scope")
-    audience = _opt_str(raw, "auth.audience")
-    value = raw["auth.extra_params"]
-    if value is None or value == "":
-        value = {}
-    if not isinstance(value, dict):
-        raise ConfigError("auth.extra_params", "expected a mapping of form fields")
-    extra = []
-    for field_name, field_value in value.items():
-        if field_name in OWN_FORM_FIELDS:
-            raise ConfigError("auth.extra_params", f"{field_name} is set by the proxy"
-                              + ("; use auth.scope or auth.audience" if field_name in ("scope", "audience") else ""))
-        if isinstance(field_value, bool) or not isinstance(field_value, str | int | float):
-            raise ConfigError("auth.extra_params", f"{field_name}: expected a string")
-        extra.append((field_name, str(field_value)))
-    if style == "ndovu":
-        for key, given in (("auth.scope", scope), ("auth.audience", audience), ("auth.extra_params", extra)):
-            if given:
-                raise ConfigError(key, "only with auth.style client_secret_basic or client_secret_post "
-                                  "(Ndovu's auth call takes no body)")
-    return scope, audience, tuple(extra)
-
-
-def _client_secret(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(secret file, secret): the file, once readable, wins and the secret is dropped."""
-    secret_file = _opt_str(raw, "auth.client_secret_file")
-    if secret_file is not None:
-        try:
-            read_secret_file(secret_file)  # read as every token request will; the value is dropped
-        except SecretFileError as exc:
-            raise ConfigError("auth.client_secret_file", exc.reason) from exc
-        return secret_file, None
-    secret = _opt_str(raw, "auth.client_secret")
-    if secret is None:
-        raise ConfigError(
-            "auth.client_secret", "missing; set NDOVU_CLIENT_SECRET or auth.client_secret_file"
-        )
-    return None, secret
-
-
-def _client_id(raw: Mapping[str, Any], style: str | None) -> str:
-    client_id = _opt_str(raw, "auth.client_id")
-    if client_id is None:
-        raise ConfigError("auth.client_id", "missing; set NDOVU_CLIENT_ID")
-    if ":" in client_id and style == "ndovu":
-        # Basic credentials are the raw id:secret; an id with a colon cannot be told apart
-        # (RFC 7617 §2). The OAuth2 styles form-urlencode it (RFC 6749 §2.3.1).
-        raise ConfigError("auth.client_id", "must not contain ':' with auth.style ndovu")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in client_id):
-        raise ConfigError("auth.client_id", "must not contain control characters")
-    return client_id
-
-
-def _ca_file(raw: Mapping[str, Any]) -> str | None:
-    ca_file = _opt_str(raw, "upstream.ca_file")
-    if ca_file is not None and not os.access(ca_file, os.R_OK):
-        raise ConfigError("upstream.ca_file", f"cannot read {ca_file}")
-    return ca_file
-
-
-def _opt_str(raw: Mapping[str, Any], key: str) -> str | None:
-    value = raw[key]
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(key, "expected a string")
-    return str(value)
-
-
-def _number(
-    raw: Mapping[str, Any], key: str, *, positive: bool = False, integer: bool = False
-) -> float:
-    value = raw[key]
-    kind = "a whole number" if integer else "a number"
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected {kind}, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = int(value) if integer else float(value)
-        except ValueError:
-            raise ConfigError(key, f"expected {kind}, got {value!r}") from None
-    if not isinstance(value, int | float) or (integer and not float(value).is_integer()):
-        raise ConfigError(key, f"expected {kind}, got {value!r}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(key, f"expected {kind}, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(key, "must be greater than 0" if positive else "must not be negative")
-    return float(value)
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _bool(raw: Mapping[str, Any], key: str) -> bool:
-    value = raw[key]
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-        return value.lower() in _TRUE
-    raise ConfigError(key, f"expected true or false, got {value!r}")
-
-
-def _choice(raw: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = raw[key]
-    if isinstance(value, str) and value.lower() in choices:
-        return value.lower()
-    raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
-
-
-def parse_address(text: str) -> Address:
-    """`HOST:PORT` or `[IPv6]:PORT`; raises ValueError."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(text)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(text)
-    return Address(host, int(port))
-
-
-def _address(raw: Mapping[str, Any], key: str) -> Address:
-    value = raw[key]
-    try:
-        return parse_address(str(value))
-    except ValueError:
-        raise ConfigError(key, f"expected HOST:PORT, got {value!r}") from None
-
-
-def _opt_address(raw: Mapping[str, Any], key: str) -> Address | None:
-    value = raw[key]
-    if value is None or (isinstance(value, str) and value.lower() in ("", "off", "none", "null")):
-        return None
-    return _address(raw, key)
-
-
-def _is_http_url(value: str) -> bool:
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return False
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.hostname)
-        and not parts.query
-        and not parts.fragment
-        and "@" not in parts.netloc
-        and not any(c.isspace() for c in value)
-    )
-
-
-def _url(raw: Mapping[str, Any], key: str) -> str:
-    value = raw[key]
-    if not isinstance(value, str) or not _is_http_url(value):
-        raise ConfigError(key, "not a valid http(s) URL")
-    return value.rstrip("/")
-
-
-def _token_url(raw: Mapping[str, Any], upstream_url: str) -> str:
-    value = raw["auth.token_path"]
-    if isinstance(value, str) and value.startswith("/") and not value.startswith("//"):
-        return upstream_url + value
-    if isinstance(value, str) and _is_http_url(value):
-        return value
-    raise ConfigError("auth.token_path", "expected a path starting with / or an http(s) URL")
-
-
-def _segments(path: str) -> list[str]:
-    return [seg for seg in path.split("/") if seg]
-
-
-def _refuse_doubled_base_path(
-    upstream_url: str, token_url: str, token_path: object, allowed_paths: tuple[str, ...]
-) -> None:
-    """A base path in upstream.url that ends, segment by segment, with the first two or more
-    segments of the token path or of an allowed_paths prefix is the API's own path given
-    twice (NDOVU_UPSTREAM_URL=http://host/api/v3/partners): every URL would hold it doubled.
-    One shared segment (`/gw/api` against `/api/v3/...`) is a plausible gateway prefix."""
-    parts = urlsplit(upstream_url)
-    base = _segments(parts.path)
-    if len(base) < 2:
-        return
-    # the token path first: it names the URL the user will recognise
-    token = [token_path] if isinstance(token_path, str) and token_path.startswith("/") else []
-    for candidate in (*token, *allowed_paths):
-        segs = _segments(candidate)
-        for k in range(min(len(base), len(segs)), 1, -1):
-            if base[-k:] != segs[:k]:
-                continue
-            doubled = "/" + "/".join(base[-k:])
-            keep = "/".join(base[:-k])
-            use = f"{parts.scheme}://{parts.netloc}" + (f"/{keep}" if keep else "")
-            whole = "/" + "/".join(base)
-            what = f"the base path {whole} would be doubled" if whole == doubled else (
-                f"the base path {whole} would double {doubled}")
-            if candidate in token:
-                result = f"the token URL would be {token_url}"
-            else:
-                result = f"a request to {candidate} would go to {upstream_url}{candidate}"
-            raise ConfigError("upstream.url", f"{what}: {result}; use {use}")
-
-
-def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
-    value = raw[key]
-    if isinstance(value, str):  # from the environment or a flag: comma-separated
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list):
-        raise ConfigError(key, "expected a list")
-    return value
-
-
-def _paths(raw: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    paths = _list(raw, key)
-    for p in paths:
-        if not isinstance(p, str) or not p.startswith("/"):
-            raise ConfigError(key, f"each entry must be a path starting with /, got {p!r}")
-    return tuple(paths)
-
-
-def _networks(raw: Mapping[str, Any], key: str) -> tuple[IPNetwork, ...]:
-    out = []
-    for entry in _list(raw, key):
-        try:
-            out.append(ipaddress.ip_network(str(entry), strict=False))
-        except ValueError:
-            raise ConfigError(key, f"not a CIDR: {entry!r}") from None
-    return tuple(out)
-
