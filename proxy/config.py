@@ -4,6 +4,10 @@ Highest first: command-line flags, environment, the YAML file, defaults. This mo
 the only reader of `os.environ` and of the config file; the caller passes both in, so
 nothing here runs at import time. Problems raise `ConfigErrors` (a `ConfigError`): every
 problem found in one load, each naming its dotted key, so that one run shows them all.
+
+Settings hold one `Route` or more: without `routes:` one, named `default`, from the top-level
+keys; with it, each route's own keys over the top-level ones (which the environment and flags
+set), its errors named `routes[NAME].KEY`. The check of each single value is `proxy.values`'.
 """
 
 from __future__ import annotations

@@ -30,8 +30,6 @@ import binascii
 import json
 import math
 import re
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from proxy.errors import (
     SecretFileError,
     SecretUnreadable,
 )
+from proxy.neterrors import host_and_port, network_error
 from proxy.tokens import Grant
 
 log = structlog.get_logger("proxy.ndovu")
@@ -278,7 +277,7 @@ class NdovuAuth:
         if status == 400:
             raise CredentialsRejected("auth endpoint answered 400", status=400, hint=HINT_400)
         if status == 407 and self._proxy is not None:  # an http:// token URL, sent via the proxy
-            raise AuthUnreachable(f"the egress proxy {_where(self._proxy)[1]} answered 407: "
+            raise AuthUnreachable(f"the egress proxy {host_and_port(self._proxy)[1]} answered 407: "
                                   "its credentials are missing or wrong (upstream.proxy, HTTPS_PROXY)")
         if status == 429:
             raise RateLimited("auth endpoint answered 429", retry_after=parse_retry_after(retry_after))
@@ -307,89 +306,6 @@ class NdovuAuth:
         else:
             hint = f"the token endpoint refused the request with error {code}: see the provider's documentation"
         return CredentialsRejected(detail, status=status, hint=hint)
-
-
-_DNS_ERROR: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorDNSError,)
-_CONNECT_TIMEOUT: tuple[type[BaseException], ...] = (aiohttp.ConnectionTimeoutError,)
-#: what OpenSSL says when the other end answers a ClientHello in plain text
-_PLAIN_HTTP_SIGNS = ("wrong_version_number", "wrong version number", "http_request", "http request",
-                     "record layer failure", "packet length too long", "unknown protocol")
-
-
-def _where(url: str) -> tuple[str, str]:
-    """(host, host:port) of a URL, the port spelled out even when it is the default."""
-    parts = urlsplit(url)
-    host = parts.hostname or url
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    port = port or (443 if parts.scheme == "https" else 80)
-    return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-
-
-def _tls_reason(exc: BaseException) -> str:
-    cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
-    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLError) and cause.reason:
-        return str(cause.reason).lower().replace("_", " ")
-    text = getattr(cause, "strerror", None) or str(cause)
-    return text or "the connection closed during the handshake"
-
-
-def network_error(exc: BaseException, url: str, *, connect_timeout: float | None, timeout: float | None,
-                  proxy: str | None = None) -> str:
-    """A failed HTTP call to `url`, in plain words naming the host and port; never a bare
-    exception class name. `proxy`: the egress proxy the call went through, if any, named when
-    it is the proxy that failed."""
-    host, where = _where(url)
-    if proxy is not None and isinstance(exc, aiohttp.ClientProxyConnectionError):
-        return "egress proxy: " + network_error(exc, proxy, connect_timeout=connect_timeout, timeout=timeout)
-    if proxy is not None and isinstance(exc, aiohttp.ClientHttpProxyError):
-        words = f"the egress proxy {_where(proxy)[1]} answered {exc.status} to CONNECT {where}"
-        if exc.status == 407:
-            words += ": its credentials are missing or wrong (upstream.proxy, HTTPS_PROXY)"
-        return words
-    os_error = getattr(exc, "os_error", None)
-    if isinstance(exc, _DNS_ERROR) or isinstance(os_error, socket.gaierror) or isinstance(exc, socket.gaierror):
-        return f"cannot resolve host {host}"
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError) or isinstance(os_error, ssl.SSLError):
-        reason = _tls_reason(exc)
-        words = f"TLS handshake with {where} failed: {reason}"
-        if any(sign in repr(os_error or exc).lower() for sign in _PLAIN_HTTP_SIGNS):
-            words += f" (the port seems to speak plain HTTP: try http://{where} in upstream.url)"
-        return words
-    if isinstance(exc, _CONNECT_TIMEOUT):
-        after = f" after {connect_timeout:g} s" if connect_timeout else ""
-        return f"timed out connecting to {where}{after}"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if isinstance(os_error, ConnectionRefusedError):
-            return f"connection refused by {where}"
-        if isinstance(os_error, TimeoutError):
-            after = f" after {connect_timeout:g} s" if connect_timeout else ""
-            return f"timed out connecting to {where}{after}"
-        return f"cannot connect to {where}: {_os_words(os_error or exc)}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return f"{where} closed the connection without answering"
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError and the total timeout alike
-        within = f" within {timeout:g} s" if timeout else ""
-        return f"no answer from {where}{within}"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"the answer from {where} broke off"
-    if isinstance(exc, ConnectionResetError) or isinstance(os_error, ConnectionResetError):
-        return f"connection to {where} reset"
-    if isinstance(exc, OSError):
-        return f"connection to {where} failed: {_os_words(exc)}"
-    text = str(exc)
-    return f"talking to {where} failed: {text}" if text else f"talking to {where} failed"
-
-
-def _os_words(exc: BaseException) -> str:
-    strerror = getattr(exc, "strerror", None)
-    if strerror:
-        return str(strerror)
-    return str(exc) or "the connection failed"
 
 
 def parse_token_response(body: bytes) -> Grant:

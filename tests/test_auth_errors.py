@@ -1,4 +1,4 @@
-"""Auth-call failures in plain words (proxy.ndovu.network_error) and an unreadable secret."""
+"""Auth-call failures in plain words (proxy.neterrors.network_error) and an unreadable secret."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from proxy.config import read_secret_file
 from proxy.errors import SecretUnreadable
-from proxy.ndovu import NdovuAuth, network_error
+from proxy.ndovu import NdovuAuth
+from proxy.neterrors import network_error
 from tests.fakes import CLIENT_ID, FakeNdovu
 
 KEY: Any = SimpleNamespace(host="api.example", port=443, ssl=True, is_ssl=True)
