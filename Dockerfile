@@ -14,11 +14,12 @@ RUN python -m venv /opt/ndovu \
 
 FROM python:3.12-slim
 COPY --from=build /opt/ndovu /opt/ndovu
-# pip compiled the bytecode at build time: nothing is written at run time (read-only root works)
+# pip compiled the bytecode at build time: nothing is written at run time (read-only root works).
+# The proxy listens on its default, 127.0.0.1:8080 (the pod's app shares the loopback); no
+# NDOVU_PROXY_LISTEN here, so that a config with routes: (each its own listen) runs as it is.
 ENV PATH=/opt/ndovu/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    NDOVU_PROXY_LISTEN=127.0.0.1:8080 \
     NDOVU_PROXY_ADMIN_LISTEN=0.0.0.0:9901 \
     NDOVU_PROXY_LOG_FORMAT=json
 USER 10001:10001

@@ -133,10 +133,12 @@ class Admin:
             return _json({"ready": True})
         if not self._named:
             return _json({"ready": False, "reason": reasons[self._routes[0][0]], "last_error": first.last_error}, 503)
-        errors = {tokens.last_error for name, tokens, *_ in self._routes if name in reasons and tokens.last_error}
+        # one of /tokenz's last_error values (the first route's that has one); each route's in "routes"
+        last_error = next((tokens.last_error for name, tokens, *_ in self._routes
+                           if name in reasons and tokens.last_error), None)
         names = ", ".join(reasons)
         return _json({"ready": False, "reason": f"no valid token for route{'s' if len(reasons) > 1 else ''} {names}",
-                      "last_error": ", ".join(sorted(errors)) or None,
+                      "last_error": last_error,
                       "routes": reasons}, 503)
 
     def metrics(self) -> Answer:

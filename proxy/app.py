@@ -1,6 +1,6 @@
 """Assembles the running proxy and how it starts, reloads and stops: per route (one, named
 `default`, without `routes:`) a listener, an upstream pool, its counters and a token cache,
-caches shared by routes with the same `AuthSettings.cache_key`; per cache a refresher and, for
+caches shared by routes with the same `cache_key`; per cache a refresher and, for
 a secret file, a watcher; one admin listener for all.
 
 Every listener is `proxy.wire`'s: a route's hands every request to its forwarder (a proxy has
@@ -140,6 +140,13 @@ async def bind(listener: Listener, key: str, where: Address) -> Address:
         raise ListenError(key, where, bind_failure(exc)) from None
 
 
+def cache_key(route: Route) -> tuple[object, ...]:
+    """Routes with one key share a token cache: the same credentials (AuthSettings.cache_key),
+    fetched the same way (the TLS trust and the egress proxy of the token call)."""
+    up = route.upstream
+    return (route.auth.cache_key, up.tls_verify, up.ca_file, up.egress.proxy_for(route.auth.token_url))
+
+
 @dataclass(eq=False)
 class Lane:
     """One route at run time: its listener, its pool, its counters, and the token cache it
@@ -166,7 +173,7 @@ class Proxy:
         self.redactor = redactor or Redactor()
         self._clock = clock
         self.lanes: list[Lane] = []
-        #: token caches by AuthSettings.cache_key, with the session each fetches through
+        #: token caches by cache_key(route), with the session each fetches through
         self._caches: dict[tuple[object, ...], tuple[TokenCache, aiohttp.ClientSession]] = {}
         self._refreshers: list[asyncio.Task[None]] = []
         self._admin: Listener | None = None
@@ -205,7 +212,7 @@ class Proxy:
         self._started = True
 
     def _cache_for(self, route: Route, users: list[str]) -> TokenCache:
-        key = route.auth.cache_key
+        key = cache_key(route)
         if key not in self._caches:
             auth = route.auth
             session = make_session(route.upstream)
@@ -227,11 +234,11 @@ class Proxy:
         s = self.settings
         users: dict[tuple[object, ...], list[str]] = {}
         for route in s.routes:
-            users.setdefault(route.auth.cache_key, []).append(route.name)
+            users.setdefault(cache_key(route), []).append(route.name)
         for route in s.routes:
             if route.forwarding.inbound_token is not None:
                 self.redactor.add(route.forwarding.inbound_token.reveal())
-            tokens = self._cache_for(route, users[route.auth.cache_key])
+            tokens = self._cache_for(route, users[cache_key(route)])
             self.lanes.append(Lane(route, tokens, Stats(), make_upstream(route.upstream)))
         # the admin listener binds first: it never asks for a token, while a request on a
         # route's would; so no token is asked for until every listener is bound
@@ -287,7 +294,7 @@ class Proxy:
         for lane in self.lanes:
             path = lane.route.auth.client_secret_file
             if path is not None:
-                seen.setdefault(lane.route.auth.cache_key, path)
+                seen.setdefault(cache_key(lane.route), path)
         return [(path, self._caches[key][0]) for key, path in seen.items()]
 
     async def reload(self) -> None:

@@ -169,10 +169,13 @@ class AuthSettings:
     extra_params: tuple[tuple[str, str], ...] = ()  # form fields, in the order given
 
     @property
-    def cache_key(self) -> tuple[str, str, str, str | None, str | None]:
+    def cache_key(self) -> tuple[object, ...]:
         """Routes whose auth has the same key share one token cache; others never see each
-        other's token."""
-        return (self.token_url, self.client_id, self.style, self.scope, self.audience)
+        other's token. Beyond SPEC's (token URL, client id, style, scope, audience): the extra
+        form fields (an RFC 8707 `resource` names the API a token is for) and the secret's
+        source, so that no route's own setting is silently replaced by another's."""
+        return (self.token_url, self.client_id, self.style, self.scope, self.audience, self.extra_params,
+                self.client_secret, self.client_secret_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,20 +339,31 @@ def effective(
             where = f"flag {flag_names.get(key, key)}"
         out[key] = (_shown(key, value), where)
     for var, value in merged.egress_env.values():
-        out[f"env.{var}"] = (_mask_url_passwords(value), f"env {var}")
+        out[f"env.{var}"] = (_mask_proxy_password(value), f"env {var}")
     for route in merged.routes or ():
         for key, value in route.values.items():
             out[f"routes[{route.label}].{key}"] = (_shown(key, value), f"file {path}" + _via(route.used.get(key, ())))
     return out
 
 
+#: settings that hold one URL, whose userinfo may hold a password
+PROXY_KEYS = frozenset({"upstream.proxy"})
+
+
 def _shown(key: str, value: Any) -> Any:
     if key in SECRET_KEYS and value not in (None, ""):
         return MASK
+    if key in MAPPING_KEYS and isinstance(value, dict):  # form fields may be credentials
+        return {name: MASK for name in value}
+    if key in PROXY_KEYS and isinstance(value, str):
+        return _mask_proxy_password(value)
     return _mask_url_passwords(value)
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@")
+#: a proxy URL, scheme optional (`user:pass@host:3128` is accepted too); the password runs to
+#: the last `@`, whatever it holds, as urlsplit reads it
+_PROXY_PASSWORD = re.compile(r"^(?P<head>\s*(?:[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:|[^/@:]*:(?!//))).*@", re.DOTALL)
 
 
 def _mask_url_passwords(value: Any) -> Any:
@@ -358,6 +372,10 @@ def _mask_url_passwords(value: Any) -> Any:
     if isinstance(value, list):
         return [_mask_url_passwords(v) for v in value]
     return value
+
+
+def _mask_proxy_password(value: str) -> str:
+    return _PROXY_PASSWORD.sub(lambda m: f"{m['head']}{MASK}@", value, count=1)
 
 
 # --- the file -------------------------------------------------------------------------
@@ -444,6 +462,8 @@ def _read_routes(value: Any, environ: Mapping[str, str], errors: _Collector) -> 
                        "and forwarding blocks")
             continue
         name = entry.get("name")
+        if isinstance(name, str):
+            name = _expand(name, environ, "name")  # `name: "${ROUTE}"` is the route's name
         label = name if isinstance(name, str) and ROUTE_NAME.fullmatch(name) else str(index)
         used: dict[str, list[str]] = {}
         values = _read_keys(entry, environ, errors, used, sections=ROUTE_SECTIONS, plain=ROUTE_KEYS,
@@ -473,7 +493,7 @@ def _suggest_sub(section: str, sub: str) -> str:
     return f"; did you mean {elsewhere[0]}?" if elsewhere else ""
 
 
-_SECRET_LINE = re.compile(r"secret|token|password|://[^/\s]*:[^/\s]*@", re.IGNORECASE)
+_SECRET_LINE = re.compile(r"secret|token|password|proxy|assertion|[^\s:]*:[^\s]*@", re.IGNORECASE)
 
 
 def _yaml_where(exc: Exception, text: str) -> str:
@@ -554,12 +574,17 @@ def _build(m: _Merged, *, errors: _Collector) -> Settings:
 
 
 def _named_routes(m: _Merged, c: _Collector) -> list[Route]:
-    """Each route: its own keys over the top-level ones. An error in a key the route sets is
-    named `routes[NAME].KEY`; one in a key it inherits keeps the top-level name, once."""
+    """Each route: its own keys over the top-level ones. An error is named `routes[NAME].KEY`
+    when the route's own keys cause it (the key is the route's, or the top-level keys alone
+    are fine there: a route's `style: ndovu` against an inherited client id with a colon);
+    an error the top-level keys have on their own keeps the top-level name, once."""
     routes: list[Route] = []
     names: dict[str, str] = {}
     addresses: dict[Address, str] = {}
     shown = {str(e) for e in c.errors}
+    top_level = _Collector()
+    _route(DEFAULT_ROUTE, m.raw, m.egress_env, top_level)  # judged alone: only to tell errors apart
+    inherited = {str(e) for e in top_level.errors}
     for entry in m.routes or ():
         own = entry.values
         found = _Collector()
@@ -575,14 +600,20 @@ def _named_routes(m: _Merged, c: _Collector) -> list[Route]:
             names[name] = entry.label
         if "listen" not in own:
             found.add("listen", "missing; every route has its own listen address")
-        route = _route(entry.label, {**m.raw, **own}, m.egress_env, found)
+        merged = {**m.raw, **own}
+        if "auth.client_secret" in own and "auth.client_secret_file" not in own:
+            # the route's own secret: an inherited file (the top level's, NDOVU_CLIENT_SECRET_FILE)
+            # must not win over it, as a file of the same level would
+            merged["auth.client_secret_file"] = None
+        route = _route(entry.label, merged, m.egress_env, found)
         if route is not None and route.listen.port != 0:  # port 0: each gets a free port of its own
             if route.listen in addresses:
                 found.add("listen", f"{route.listen} is routes[{addresses[route.listen]}].listen too")
             else:
                 addresses[route.listen] = entry.label
         for error in found.errors:
-            key = f"routes[{entry.label}].{error.key}" if error.key in own or error.key in ROUTE_KEYS else error.key
+            caused = error.key in own or error.key in ROUTE_KEYS or str(error) not in inherited
+            key = f"routes[{entry.label}].{error.key}" if caused else error.key
             if f"{key}: {error.problem}" not in shown:
                 shown.add(f"{key}: {error.problem}")
                 c.add(key, error.problem)

@@ -83,6 +83,14 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+def _is_unspecified(host: str) -> bool:
+    """0.0.0.0 or ::: connecting to it reaches this machine, like loopback."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
 def _bypassed(host: str, port: int, no_proxy: tuple[str, ...]) -> bool:
     host = host.lower().rstrip(".")
     try:
@@ -127,7 +135,7 @@ class Egress:
         parts = urlsplit(url)
         via = self.https if parts.scheme == "https" else self.http if parts.scheme == "http" else None
         host = parts.hostname or ""
-        if via is None or is_loopback(host):
+        if via is None or is_loopback(host) or _is_unspecified(host):
             return None
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return None if _bypassed(host, port, self.no_proxy) else via

@@ -146,6 +146,9 @@ def token_request(
     return TokenRequest(headers, urlencode(fields, quote_via=quote_plus, safe="").encode("ascii"))
 
 
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
 def secret_spellings(client_id: str, secret: str) -> tuple[str, ...]:
     """Every spelling of `secret` a token request may have carried: raw, form-encoded,
     percent-encoded, and inside each style's Basic credentials; the longest first, so that a
@@ -153,6 +156,8 @@ def secret_spellings(client_id: str, secret: str) -> tuple[str, ...]:
     forms = {secret, form_encode(secret), quote(secret, safe="")}
     for user, password in ((client_id, secret), (form_encode(client_id), form_encode(secret))):
         forms.add(basic_credentials(user, password).removeprefix("Basic "))
+    # a server may echo a percent-encoding in lower-case hex (%2b for %2B)
+    forms |= {_PERCENT.sub(lambda m: m[0].lower(), f) for f in forms}
     return tuple(sorted((f for f in forms if f), key=len, reverse=True))
 
 

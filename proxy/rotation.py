@@ -24,7 +24,7 @@ a change. Invariants:
   token request may have failed meanwhile); a touch, or Kubernetes swapping `..data` for a
   change to another key of the Secret, calls nothing.
 - The secret is never logged and never kept: only an HMAC of it under a key made per watcher.
-  Only a regular file is read (a FIFO would block the event loop; a directory is refused).
+  Only a regular file is read (read_secret_file refuses a FIFO, which would block the loop).
 - `on_change` runs inline, so never two at once; an exception from it is logged as
   `secret_file_reload_failed` (its `kind`, e.g. `credentials_rejected`) and watching goes on.
 - `run()` runs until cancelled; cancel the task and await it at stop. Cancellation reaches
@@ -39,7 +39,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -115,7 +114,7 @@ class SecretFileWatcher:
     def _evaluate(self, *, initial: bool = False) -> bool:
         """Read the file as it now is; True when `on_change` is due."""
         try:
-            value = self._read_regular()
+            value = self._read(self.path)  # a regular file only: never blocks
         except SecretFileError as exc:
             self.usable = False
             log.warning("secret_file_unusable", path=self.path, reason=exc.reason,
@@ -133,15 +132,6 @@ class SecretFileWatcher:
         log.info("secret_file_changed", path=self.path, recovered=not was_usable,
                  action="fetching a token with the new secret")
         return True
-
-    def _read_regular(self) -> str:
-        try:
-            mode = os.stat(self.path).st_mode
-        except OSError:
-            mode = None  # let the read say why, in read_secret_file's words
-        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-            raise SecretFileError(self.path, f"{self.path} is not a regular file")
-        return self._read(self.path)
 
     async def _call(self) -> None:
         try:

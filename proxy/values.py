@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,19 +55,43 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+#: the most a secret file may hold: a client secret is tens of bytes; more is not a secret file
+MAX_SECRET_BYTES = 64 * 1024
+
+
 def read_secret_file(path: str) -> str:
     """The secret in `path`, minus one trailing newline (\\n or \\r\\n) and nothing else.
 
     Raises `SecretFileError` saying why in plain words (`cannot read PATH: No such file or
-    directory`, `... Permission denied`, `PATH is a directory`, `PATH is empty`): `load` turns
-    it into a config error, a token request into `SecretUnreadable`."""
+    directory`, `... Permission denied`, `PATH is a directory`, `PATH is empty`, `PATH is not
+    a regular file`): `load` turns it into a config error, a token request into
+    `SecretUnreadable`. Only a regular file of at most MAX_SECRET_BYTES is read, opened
+    without blocking: this runs on the event loop, where a FIFO put in the file's place would
+    otherwise stop the whole process until someone wrote into it."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            value = fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except IsADirectoryError as exc:
         raise SecretFileError(path, f"{path} is a directory, not a file") from exc
     except OSError as exc:
         raise SecretFileError(path, f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise SecretFileError(path, f"{path} is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise SecretFileError(path, f"{path} is not a regular file")
+        if info.st_size > MAX_SECRET_BYTES:
+            raise SecretFileError(path, f"{path} is over {MAX_SECRET_BYTES // 1024} KiB: not a secret")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise SecretFileError(path, f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_BYTES:
+        raise SecretFileError(path, f"{path} is over {MAX_SECRET_BYTES // 1024} KiB: not a secret")
+    try:
+        value = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SecretFileError(path, f"{path} is not UTF-8 text") from exc
     if value.endswith("\r\n"):

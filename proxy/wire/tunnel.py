@@ -57,7 +57,10 @@ def reason_of(exc: OSError) -> str:
     failed ('10.0.0.1', 3128)`; a TLS error as the ssl module says it."""
     if exc.errno and exc.errno > 0 and not isinstance(exc, (ssl.SSLError, socket.gaierror)):
         return os.strerror(exc.errno)
-    return exc.strerror or str(exc)
+    if exc.strerror or str(exc):
+        return exc.strerror or str(exc)
+    # a bare ConnectionResetError(), as a TLS handshake over a closed tunnel raises
+    return "the connection was closed" if isinstance(exc, ConnectionError) else type(exc).__name__
 
 
 def connect_request(host: str, port: int, authorization: bytes | None) -> bytes:
