@@ -73,6 +73,7 @@ _CHALLENGE_ERROR = re.compile(r'(?:^|[\s,])error\s*=\s*"?([^",\s]*)', re.IGNOREC
 class TokenProvider(Protocol):
     """All the forwarder knows of tokens."""
 
+    def valid_token(self) -> Token | None: ...
     async def get(self) -> Token: ...
     def invalidate(self, stale: Token) -> bool: ...
 
@@ -231,7 +232,8 @@ class Forwarder:
     async def _forward(self, request: Request, request_id: str, outcome: _Outcome) -> None:
         target = self._admit(request)
         body = await self._read_body(request) if request.body is not None else _NO_BODY
-        token = await self._tokens.get()
+        # the common case, a valid token at hand, without a coroutine of its own
+        token = self._tokens.valid_token() or await self._tokens.get()
         upstream = await self._send(request, target, token, body, request_id)
         try:
             outcome.upstream_status = upstream.status
