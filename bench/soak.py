@@ -78,8 +78,9 @@ async def soak(args: argparse.Namespace) -> int:
             env={**env, "NDOVU_CLIENT_ID": "demo-client", "NDOVU_CLIENT_SECRET": "demo-secret"},
         )
         procs.append(proxy)
-        m = await wait_for_line(proxy_log, r'"address": "([^"]+)", "admin_address": "([^"]+)"', proxy)
-        base, admin = f"http://{m[1]}", f"http://{m[2]}"
+        # the listening event, read as the JSON it is (its keys' order is not part of the format)
+        line = json.loads((await wait_for_line(proxy_log, r'(?m)^\{.*"event": "listening".*\}$', proxy))[0])
+        base, admin = f"http://{line['address']}", f"http://{line['admin_address']}"
         return await drive(args, proxy.pid, base, admin, upstream)
     finally:
         for p in procs:

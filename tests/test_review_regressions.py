@@ -178,7 +178,7 @@ def test_a_fifo_as_the_secret_file_is_a_config_error_not_a_hang(tmp_path: Path) 
 
 # --- egress ---------------------------------------------------------------------------------
 
-def test_a_proxy_that_closes_after_200_gives_a_reason() -> None:
+async def test_a_proxy_that_closes_after_200_gives_a_reason() -> None:
     async def main() -> str:
         async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             await r.readuntil(b"\r\n\r\n")
@@ -198,7 +198,7 @@ def test_a_proxy_that_closes_after_200_gives_a_reason() -> None:
             server.close()
         raise AssertionError("no error")
 
-    words = asyncio.run(main())
+    words = await main()
     # before the fix: "cannot connect to api.ndovu.test through the egress proxy 127.0.0.1:N: "
     assert not words.rstrip().endswith(":"), words
 
