@@ -30,7 +30,9 @@ retries once when the API answers 401."""
 ENV_HELP = """\
 environment: NDOVU_CLIENT_ID, NDOVU_CLIENT_SECRET, NDOVU_CLIENT_SECRET_FILE, NDOVU_UPSTREAM_URL,
 NDOVU_PROXY_CONFIG, NDOVU_PROXY_LISTEN, NDOVU_PROXY_ADMIN_LISTEN, NDOVU_PROXY_LOG_LEVEL,
-NDOVU_PROXY_LOG_FORMAT. Precedence: flags, environment, config file, defaults."""
+NDOVU_PROXY_LOG_FORMAT; HTTPS_PROXY, HTTP_PROXY, NO_PROXY (either case) for an egress proxy
+unless upstream.proxy is set. Precedence: flags, environment, config file, defaults; with
+routes: in the file, flags and environment set the top-level defaults every route inherits."""
 
 
 #: dotted key -> the flag that sets it, for `serve` and `config`
