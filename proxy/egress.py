@@ -41,7 +41,7 @@ class ProxyURL:
 
 
 def parse_proxy(text: str) -> ProxyURL:
-    """`http://[user:pass@]host[:port][/]` (port 80 when absent, as curl; a bare `host:port`
+    """`http://[user:pass@]host[:port][/]` (port 80, http's own, when absent; a bare `host:port`
     is read as http://). Raises ValueError saying what is wrong, never echoing a password."""
     if "://" not in text:
         text = "http://" + text
@@ -60,7 +60,9 @@ def parse_proxy(text: str) -> ProxyURL:
     if parts.username is not None:
         user, password = unquote(parts.username), unquote(parts.password or "")
         authorization = b"Basic " + base64.b64encode(f"{user}:{password}".encode())
-    return ProxyURL(parts.hostname, port or 80, authorization)
+    if port == 0:
+        raise ValueError("a proxy URL's port must be 1-65535")
+    return ProxyURL(parts.hostname, 80 if port is None else port, authorization)
 
 
 def parse_no_proxy(text: str) -> tuple[str, ...]:

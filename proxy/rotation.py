@@ -6,7 +6,7 @@ path never changes while the file behind it does. A plain rewrite keeps the inod
 mtime and size. Both show in `os.stat` (which follows symlinks) and `os.path.realpath`, which is
 all this polls: no inotify, no new dependency.
 
-`SecretFileWatcher(path, on_change)` (or `watch_secret_file`, the same as one coroutine) calls the
+`SecretFileWatcher(path, on_change)` calls the
 async `on_change` (the token cache's `refresh_now()`, what SIGHUP does) within a few seconds of
 a change. Invariants:
 
@@ -140,14 +140,3 @@ class SecretFileWatcher:
             log.warning("secret_file_reload_failed", path=self.path, reason=getattr(exc, "kind", type(exc).__name__),
                         action="the current token stays")
 
-
-async def watch_secret_file(
-    path: str,
-    on_change: Callable[[], Awaitable[object]],
-    *,
-    interval: float = DEFAULT_INTERVAL,
-    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-) -> None:
-    """`SecretFileWatcher(path, on_change, ...).run()`: until cancelled. The first look is
-    taken when this coroutine first runs."""
-    await SecretFileWatcher(path, on_change, interval=interval, sleep=sleep).run()

@@ -55,7 +55,7 @@ log = structlog.get_logger("proxy.tokens")
 RECHECK_INTERVAL = 5.0
 
 
-def _elapsed_clock() -> Callable[[], float]:
+def elapsed_clock() -> Callable[[], float]:
     """CLOCK_BOOTTIME where there is one (Linux): `time.monotonic()` stops while a Linux
     machine is suspended, so a one-hour token would look fresh after a two-hour sleep; the
     boot-time clock keeps counting. Elsewhere `time.monotonic()` (which on macOS and Windows
@@ -77,7 +77,7 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    monotonic = staticmethod(_elapsed_clock())
+    monotonic = staticmethod(elapsed_clock())
     time = staticmethod(time.time)
     sleep = staticmethod(asyncio.sleep)
 

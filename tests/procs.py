@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
+
 
 class Command:
     """`python -m proxy ARGS` with its stdout and stderr read as they come."""
@@ -97,3 +99,18 @@ class Command:
 
 #: the `command` fixture's type (tests/conftest.py)
 MakeCommand = Callable[..., Command]
+
+
+def proxy_env(fake: FakeNdovu, **extra: str) -> dict[str, str]:
+    """The environment of a `serve` in front of `fake`: its credentials, free loopback ports,
+    debug-level JSON lines (what Command reads events from); `extra` on top."""
+    return {
+        "NDOVU_CLIENT_ID": CLIENT_ID,
+        "NDOVU_CLIENT_SECRET": CLIENT_SECRET,
+        "NDOVU_UPSTREAM_URL": fake.url,  # type: ignore[attr-defined]
+        "NDOVU_PROXY_LISTEN": "127.0.0.1:0",
+        "NDOVU_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
+        "NDOVU_PROXY_LOG_LEVEL": "debug",
+        "NDOVU_PROXY_LOG_FORMAT": "json",
+        **extra,
+    }

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import assert_no_secrets
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
 from tests.procs import MakeCommand
-from tests.test_cli import proxy_env
+from tests.procs import proxy_env
 
 
 CREDS = {"NDOVU_CLIENT_ID": "x", "NDOVU_CLIENT_SECRET": "y", "NDOVU_PROXY_LISTEN": "127.0.0.1:0",

@@ -14,23 +14,11 @@ from aiohttp import web
 
 from tests import fakes
 from tests.conftest import assert_no_secrets
-from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
-from tests.procs import Command, MakeCommand
+from tests.fakes import CLIENT_SECRET, FakeNdovu
+from tests.procs import Command, MakeCommand, proxy_env
 
 API = "/api/v3/partners"
 
-
-
-def proxy_env(fake: FakeNdovu, **extra: str) -> dict[str, str]:
-    return {
-        "NDOVU_CLIENT_ID": CLIENT_ID,
-        "NDOVU_CLIENT_SECRET": CLIENT_SECRET,
-        "NDOVU_UPSTREAM_URL": fake.url,  # type: ignore[attr-defined]
-        "NDOVU_PROXY_LISTEN": "127.0.0.1:0",
-        "NDOVU_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
-        "NDOVU_PROXY_LOG_LEVEL": "debug",
-        **extra,
-    }
 
 
 @pytest.mark.parametrize(
@@ -58,31 +46,24 @@ async def test_unknown_key_in_the_file_exits_1(command: MakeCommand, tmp_path: P
 
 
 async def test_sigterm_closes_the_listener_and_drains_a_slow_request(command: MakeCommand, fake: FakeNdovu) -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(_request: web.Request) -> web.StreamResponse:
-        started.set()
-        await release.wait()
-        return web.json_response({"slow": "done"})
-
-    fake.api_faults["slow"] = slow
+    slow = fake.api_faults["slow"] = fakes.Gate("slow done")
     cmd = await command("serve", env=proxy_env(fake)).start()
     address, _ = await cmd.listening()
     await cmd.event("token_acquired")
     host, port = address.rsplit(":", 1)
     async with aiohttp.ClientSession() as http:
         pending = asyncio.create_task(http.get(f"http://{address}{API}/slow"))
-        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(slow.reached.wait(), 5)
         cmd.signal(signal.SIGTERM)
         await cmd.event("listener_closed")
         # new connections are refused, while the slow request is still in flight
         with pytest.raises(OSError):
             await asyncio.open_connection(host, int(port))
         assert not pending.done()
-        release.set()
+        slow.release.set()
         resp = await asyncio.wait_for(pending, 5)
         assert resp.status == 200
-        assert await resp.json() == {"slow": "done"}
+        assert await resp.text() == "slow done"
     assert await cmd.wait() == 0
     assert_no_secrets(cmd.output(), fake)
 
@@ -401,26 +382,19 @@ async def test_a_second_signal_cuts_shutdown_delay_short(command: MakeCommand, f
 
 
 async def test_default_shutdown_readyz_says_draining_during_the_drain(command: MakeCommand, fake: FakeNdovu) -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(_request: web.Request) -> web.StreamResponse:
-        started.set()
-        await release.wait()
-        return web.json_response({"slow": "done"})
-
-    fake.api_faults["slow"] = slow
+    slow = fake.api_faults["slow"] = fakes.Gate("slow done")
     cmd = await command("serve", env=proxy_env(fake)).start()
     address, admin = await cmd.listening()
     await cmd.event("token_acquired")
     async with aiohttp.ClientSession() as http:
         pending = asyncio.create_task(http.get(f"http://{address}{API}/slow"))
-        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(slow.reached.wait(), 5)
         cmd.signal(signal.SIGTERM)
         await cmd.event("listener_closed")
         async with http.get(f"http://{admin}/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["reason"] == "draining"
-        release.set()
+        slow.release.set()
         resp = await asyncio.wait_for(pending, 5)
         assert resp.status == 200
     assert await cmd.wait() == 0

@@ -83,6 +83,7 @@ def test_proxies_with_other_credentials_are_not_equal() -> None:
     (f"http://user:{PASSWORD}@proxy.corp:3128#frag", "a proxy URL has no path"),
     (f"http://user:{PASSWORD}@proxy.corp:99999", "not a valid proxy URL"),
     (f"http://user:{PASSWORD}@proxy.corp:port", "not a valid proxy URL"),
+    (f"http://user:{PASSWORD}@proxy.corp:0", "a proxy URL's port must be 1-65535"),
     (f"http://user:{PASSWORD}@:3128", "not a valid proxy URL"),
     ("http://", "not a valid proxy URL"),
     ("http://[fd00::7:3128", "not a valid proxy URL"),

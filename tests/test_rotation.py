@@ -17,11 +17,11 @@ import aiohttp
 import pytest
 
 from proxy.errors import CredentialsRejected
-from proxy.rotation import SecretFileWatcher, watch_secret_file
+from proxy.rotation import SecretFileWatcher
 from tests.conftest import assert_no_secrets
 from tests.fakes import CLIENT_SECRET, FakeNdovu
 from tests.procs import MakeCommand
-from tests.test_cli import proxy_env
+from tests.procs import proxy_env
 
 #: real seconds a step waits for the watcher before failing the test
 PATIENCE = 5.0
@@ -80,7 +80,7 @@ async def watch(log_buffer: io.StringIO) -> AsyncIterator[Callable[[Path], Any]]
 
     async def start(path: Path) -> tuple[Ticks, Calls]:
         ticks, calls = Ticks(), Calls()
-        tasks.append(asyncio.create_task(watch_secret_file(str(path), calls, sleep=ticks.sleep)))
+        tasks.append(asyncio.create_task(SecretFileWatcher(str(path), calls, sleep=ticks.sleep).run()))
         await ticks.parked()  # its first look is taken
         return ticks, calls
 
@@ -297,7 +297,7 @@ async def test_cancelling_stops_the_watcher_even_inside_the_callback(tmp_path: P
         await never.wait()
 
     ticks = Ticks()
-    task = asyncio.create_task(watch_secret_file(str(path), slow, sleep=ticks.sleep))
+    task = asyncio.create_task(SecretFileWatcher(str(path), slow, sleep=ticks.sleep).run())
     await ticks.parked()
     path.write_text("secret-two")
     await ticks.step()
@@ -312,9 +312,9 @@ async def test_with_the_real_clock_a_change_is_noticed_within_a_few_intervals(tm
     path = tmp_path / "secret"
     path.write_text("secret-1")
     calls = Calls()
-    task = asyncio.create_task(watch_secret_file(str(path), calls, interval=0.02))
+    watcher = SecretFileWatcher(str(path), calls, interval=0.02)  # its first look is taken here
+    task = asyncio.create_task(watcher.run())
     try:
-        await asyncio.sleep(0)  # its first look
         path.write_text("secret-two")
         await asyncio.wait_for(calls.called.wait(), PATIENCE)
     finally:

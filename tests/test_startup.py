@@ -18,8 +18,8 @@ import pytest
 from proxy.app import ListenError, Proxy
 from proxy.wire import Listener
 from tests.conftest import assert_no_secrets, proxy_settings
-from tests.fakes import CLIENT_ID, CLIENT_SECRET, FakeNdovu
-from tests.procs import Command, MakeCommand
+from tests.fakes import FakeNdovu
+from tests.procs import Command, MakeCommand, proxy_env
 
 API = "/api/v3/partners"
 SHUTDOWN_EVENTS = {"shutting_down", "listener_closed", "shutdown_cut", "stopped"}
@@ -44,19 +44,6 @@ def foreign_address_is_not_ours() -> bool:
         except OSError:
             return True
     return False
-
-
-def proxy_env(fake: FakeNdovu, **extra: str) -> dict[str, str]:
-    return {
-        "NDOVU_CLIENT_ID": CLIENT_ID,
-        "NDOVU_CLIENT_SECRET": CLIENT_SECRET,
-        "NDOVU_UPSTREAM_URL": fake.url,  # type: ignore[attr-defined]
-        "NDOVU_PROXY_LISTEN": "127.0.0.1:0",
-        "NDOVU_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
-        "NDOVU_PROXY_LOG_LEVEL": "debug",
-        "NDOVU_PROXY_LOG_FORMAT": "json",
-        **extra,
-    }
 
 
 async def assert_failed_quietly(cmd: Command, fake: FakeNdovu, message: str) -> None:
