@@ -116,17 +116,6 @@ class _Body:
 _NO_BODY = _Body()
 
 
-class _Outcome:
-    """What the access log says of one request."""
-
-    __slots__ = ("status", "upstream_status", "replayed")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.upstream_status: int | None = None
-        self.replayed = False
-
-
 class Forwarder:
     def __init__(
         self, route: Route, upstream: Pool, tokens: TokenProvider, stats: Stats,
@@ -154,39 +143,68 @@ class Forwarder:
         return f"{self._id_prefix}{next(self._ids):016x}"
 
     async def __call__(self, request: Request) -> None:
+        """Answer one request: admit, read or stream its body, send it with a token, replay
+        once on a 401 that blames the token, answer back. One coroutine, with the steps as
+        plain calls: on the hot path every frame the answer resumes through costs."""
         started = time.perf_counter()
         sent_id = request.get(b"x-request-id")
         request_id = sent_id.decode("ascii") if sent_id and _REQUEST_ID.fullmatch(sent_id) else self._new_id()
-        outcome = _Outcome()
-        self._stats.in_flight += 1
+        status = 0  # what the access log says
+        upstream_status: int | None = None
+        replayed = False
+        stats = self._stats
+        stats.in_flight += 1
+        body = _NO_BODY
         try:
             try:
-                await self._forward(request, request_id, outcome)
+                target = self._admit(request)
+                if request.body is not None:
+                    body = await self._read_body(request)
+                # the common case, a valid token at hand, without a coroutine of its own
+                token = self._tokens.valid_token() or await self._tokens.get()
+                upstream = await self._send(request, target, token, body, request_id)
+                try:
+                    upstream_status = upstream.status
+                    if upstream.status == 401 and blames_token(upstream.get(b"www-authenticate")):
+                        self._tokens.invalidate(token)
+                        if self._retry_on_401 and body.replayable:
+                            await _discard(upstream)
+                            token = await self._tokens.get()
+                            upstream = await self._send(request, target, token, body, request_id)
+                            upstream_status = upstream.status
+                            replayed = True
+                            stats.replays += 1
+                    status = upstream.status
+                    if not self._answer_whole(request, upstream, request_id, replayed):
+                        await self._stream_back(request, upstream, request_id, replayed)
+                except BaseException:
+                    # whatever happened (the client left mid-answer, no token for the replay),
+                    # the connection is not reused and its slot comes back; a no-op once released
+                    upstream.close()
+                    raise
             except wire.ClientGone:
-                outcome.status = CLIENT_CLOSED  # gone while its body or answer was on the way
+                status = CLIENT_CLOSED  # gone while its body or answer was on the way
                 request.abort()
             except (ProxyError, wire.WireError) as exc:
-                error = exc if isinstance(exc, ProxyError) else self._wire_error(exc, request_id)
+                error = exc if isinstance(exc, ProxyError) else self._wire_error(exc, request_id, body)
                 if request.answered:  # too late for an error answer: cut the connection
                     request.abort()
                 else:
                     send_error(request, error, request_id)
-                outcome.status = error.status
+                status = error.status
         except asyncio.CancelledError:
-            outcome.status = CLIENT_CLOSED
+            status = CLIENT_CLOSED
             raise
         except Exception:
-            outcome.status = 500  # a bug: the listener logs it and answers 500 or cuts
+            status = 500  # a bug: the listener logs it and answers 500 or cuts
             raise
         finally:
-            self._stats.in_flight -= 1
-            if outcome.status != CLIENT_CLOSED:
-                self._stats.count_response(request.method, outcome.status)
+            stats.in_flight -= 1
+            if status != CLIENT_CLOSED:
+                stats.count_response(request.method, status)
             if self._access_log is not None:
-                self._access_log(
-                    request.method, request.target.partition("?")[0], outcome.status, outcome.upstream_status,
-                    (time.perf_counter() - started) * 1000, outcome.replayed, request_id,
-                )
+                self._access_log(request.method, request.target.partition("?")[0], status, upstream_status,
+                                 (time.perf_counter() - started) * 1000, replayed, request_id)
 
     def refuse(self, request: Request, kind: str) -> None:
         """A request the listener could not read (`kind`: proxy.wire.MALFORMED): 400, 431 for
@@ -196,8 +214,10 @@ class Forwarder:
         self._stats.count_response("other", error.status)
         send_error(request, error, request_id)
 
-    def _wire_error(self, exc: wire.WireError, request_id: str) -> ProxyError:
+    def _wire_error(self, exc: wire.WireError, request_id: str, body: _Body) -> ProxyError:
         """The one place that turns a failure on the wire into the proxy's error."""
+        if body.too_large:  # the pool cut the body at the limit: that is the answer
+            return BodyTooLarge(f"the request body is over {self._max_body} bytes")
         if isinstance(exc, wire.BodyTimeout):
             return RequestTimeout(f"no byte of the request body for {self._body_timeout:g} s")
         if isinstance(exc, wire.BadFraming):  # the app's body turned out malformed
@@ -228,32 +248,6 @@ class Forwarder:
         send_error(request, InternalError("the proxy failed to handle this request"), self._new_id())
 
     # --- the steps --------------------------------------------------------------------
-
-    async def _forward(self, request: Request, request_id: str, outcome: _Outcome) -> None:
-        target = self._admit(request)
-        body = await self._read_body(request) if request.body is not None else _NO_BODY
-        # the common case, a valid token at hand, without a coroutine of its own
-        token = self._tokens.valid_token() or await self._tokens.get()
-        upstream = await self._send(request, target, token, body, request_id)
-        try:
-            outcome.upstream_status = upstream.status
-            if upstream.status == 401 and blames_token(upstream.get(b"www-authenticate")):
-                self._tokens.invalidate(token)
-                if self._retry_on_401 and body.replayable:
-                    await _discard(upstream)
-                    token = await self._tokens.get()
-                    upstream = await self._send(request, target, token, body, request_id)
-                    outcome.upstream_status = upstream.status
-                    outcome.replayed = True
-                    self._stats.replays += 1
-            outcome.status = upstream.status
-            if not self._answer_whole(request, upstream, request_id, outcome.replayed):
-                await self._stream_back(request, upstream, request_id, outcome.replayed)
-        except BaseException:
-            # whatever happened (the client left mid-answer, no token for the replay), the
-            # connection is not reused and its slot comes back; a no-op once released
-            upstream.close()
-            raise
 
     def _admit(self, request: Request) -> str:
         """The request target to forward, once the request passes every rule."""
@@ -334,10 +328,6 @@ class Forwarder:
         try:
             # redirects are never followed: they go back to the client, the token stays here
             return await self._upstream.send(request.method, target, headers, body.data, body.length)
-        except wire.WireError as exc:
-            if body.too_large:  # the pool cut the body at the limit: that is the answer
-                raise BodyTooLarge(f"the request body is over {self._max_body} bytes") from exc
-            raise
         finally:
             self._stats.observe_upstream(time.perf_counter() - started)
 

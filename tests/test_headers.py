@@ -98,3 +98,23 @@ def test_rebase_points_locations_on_the_upstream_at_the_proxy() -> None:
     assert rebase(b"https://api.example.evil/gw/a", prefixes, host) == b"https://api.example.evil/gw/a"
     assert rebase(b"http://api.example/gw/a", prefixes, host) == b"http://api.example/gw/a"  # another scheme
     assert rebase(b"/gw/a", prefixes, host) == b"/gw/a"
+
+
+def test_verdicts_are_remembered_within_a_bound_and_hold_after_it_is_reached() -> None:
+    from proxy import headers
+
+    # a client sending endless new names: the memo stays bounded ...
+    for i in range(headers._MEMO_SIZE * 3):
+        upstream_request_headers(((b"X-N%d" % i, b"v"),), authorization=b"Bearer T", request_id=b"r")
+    assert len(headers._REQUEST_RULES.memo) <= headers._MEMO_SIZE
+    # ... and every name is judged the same whether it was remembered or not
+    for _ in range(2):
+        out = upstream_request_headers(
+            raw(("Transfer_Encoding", "chunked"), ("PROXY-X", "1"), ("Connection", "X-Gone"), ("x-gone", "1"),
+                ("X-Kept", "1")),
+            authorization=b"Bearer T", request_id=b"r")
+        assert [n for n, _ in lines(out)] == ["X-Kept", "X-Request-ID", "Authorization"]
+        back = client_response_headers(raw(("Location", "https://api.example/a"), ("Server", "s")),
+                                       request_id=b"r", prefixes=upstream_prefixes("https://api.example"),
+                                       host=b"127.0.0.1:8080")
+        assert lines(back)[:2] == [("Location", "http://127.0.0.1:8080/a"), ("Server", "s")]

@@ -14,9 +14,8 @@ NO_BODY = frozenset({204, 304})
 #: methods a server may safely receive twice (RFC 9110 §9.2.2)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 #: a body stream pauses reading from its socket past this many buffered bytes, and resumes
-#: once its reader has taken it below LOW_WATER
+#: once its reader has taken what is buffered (a read takes all of it)
 HIGH_WATER = 2**18
-LOW_WATER = 2**16
 #: the largest response head (status line and headers) the pool accepts (nginx: 4-8 KiB each
 #: buffer; partner APIs send far less)
 MAX_RESPONSE_HEAD = 2**16

@@ -475,11 +475,11 @@ class Connection(asyncio.Protocol):
                     await self._waiter
                     continue
                 item = queue.popleft()
-                if len(queue) < MAX_PIPELINE // 2:
+                if self._pauses and len(queue) < MAX_PIPELINE // 2:
                     self._resume(_QUEUE_FULL)
                 if self.state is State.IDLE:
                     self.state = State.ACTIVE
-                if isinstance(item, Malformed | Failed):
+                if isinstance(item, (Malformed, Failed)):  # a tuple: `A | B` would build a union each time
                     request = Request(self, "GET", "", HTTP_11, (), {}, None, False)
                     self._request = request
                     if isinstance(item, Malformed):

@@ -2,7 +2,8 @@
 
 `Body` is a message body arriving in pieces: the protocol feeds it, one reader takes the
 pieces as they come. Past HIGH_WATER buffered bytes it asks its protocol to stop reading
-from the socket; once the reader has taken it below LOW_WATER, to read again.
+from the socket; once the reader has taken what is buffered (a read takes all of it), to read
+again.
 
 `Drain` is the other way: a protocol's `pause_writing`/`resume_writing` as something a
 writer can wait for, with a bound.
@@ -15,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from proxy.wire.errors import BodyTimeout
-from proxy.wire.http import HIGH_WATER, LOW_WATER
+from proxy.wire.http import HIGH_WATER
 
 
 class Body:
@@ -49,13 +50,15 @@ class Body:
         if self._size > HIGH_WATER and not self._paused:
             self._paused = True
             self._pause()
-        self._wake()
+        if self._waiter is not None:  # most bodies are fed before anyone waits
+            self._wake()
 
     def end(self) -> None:
         """Every byte is in. A no-op once failed: a failed body never looks whole."""
         if self._exc is None:
             self._eof = True
-            self._wake()
+            if self._waiter is not None:
+                self._wake()
 
     def fail(self, exc: BaseException) -> None:
         """The body will not come to its end; the reader hears `exc` once the bytes before
@@ -88,7 +91,10 @@ class Body:
             return b""
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
-        self._taken(self._size)
+        self._size = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
         return data
 
     async def read_chunk(self) -> bytes:
@@ -108,12 +114,6 @@ class Body:
         while chunk := await self.read_chunk():
             parts.append(chunk)
         return b"".join(parts)
-
-    def _taken(self, n: int) -> None:
-        self._size -= n
-        if self._paused and self._size < LOW_WATER:
-            self._paused = False
-            self._resume()
 
     async def _wait(self) -> None:
         waiter = self._waiter = self._loop.create_future()
