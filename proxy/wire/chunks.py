@@ -33,11 +33,16 @@ class _At(enum.Enum):
     TRAILER = "trailer"  # a trailer line, or the empty line that ends the body
 
 
+# The members under module-level names, for the hot path: on Python 3.11 reading an Enum
+# member through its class costs about 90 ns, a global about 10 (3.12 made it 25).
+_AT_SIZE, _AT_DATA, _AT_DATA_END, _AT_TRAILER = _At.SIZE, _At.DATA, _At.DATA_END, _At.TRAILER
+
+
 class ChunkScanner:
     __slots__ = ("_at", "_need", "_partial", "_max_line", "_extensions")
 
     def __init__(self, max_line: int) -> None:
-        self._at = _At.SIZE
+        self._at = _AT_SIZE
         self._need = 0  # data bytes, or CRLF bytes, still to come
         self._partial = b""  # the start of a line that began in an earlier read
         self._max_line = max_line
@@ -50,17 +55,17 @@ class ChunkScanner:
         pos, n = 0, len(data)
         while pos < n:
             at = self._at
-            if at is _At.DATA or at is _At.DATA_END:
+            if at is _AT_DATA or at is _AT_DATA_END:
                 take = min(self._need, n - pos)
                 pos += take
                 self._need -= take
                 if not self._need:
-                    if at is _At.DATA:
-                        self._at, self._need = _At.DATA_END, 2
+                    if at is _AT_DATA:
+                        self._at, self._need = _AT_DATA_END, 2
                     else:
-                        self._at = _At.SIZE
+                        self._at = _AT_SIZE
                 continue
-            if at is _At.SIZE and not self._partial:
+            if at is _AT_SIZE and not self._partial:
                 # most chunks: a plain size line, then the data and its CRLF, all at hand
                 m = _PLAIN.match(data, pos)
                 if m is not None:
@@ -79,7 +84,7 @@ class ChunkScanner:
             if len(line) > self._max_line:
                 raise TooLong()
             pos = nl + 1
-            if at is _At.SIZE:
+            if at is _AT_SIZE:
                 size = line.split(b";", 1)[0].rstrip(b"\r")
                 if not _SIZE.fullmatch(size):
                     return pos  # not a size: the parser refuses it
@@ -87,7 +92,7 @@ class ChunkScanner:
                 if self._extensions > self._max_line:  # endless extensions, a line at a time
                     raise TooLong()
                 self._need = int(size, 16)
-                self._at = _At.DATA if self._need else _At.TRAILER
+                self._at = _AT_DATA if self._need else _AT_TRAILER
             elif line in (b"", b"\r"):  # the empty line after the last chunk and its trailers
                 return pos
         return -1

@@ -37,6 +37,11 @@ class Phase(enum.Enum):
     DONE = "done"  # the response has ended
 
 
+# The members under module-level names, for the hot path: on Python 3.11 reading an Enum
+# member through its class costs about 90 ns, a global about 10 (3.12 made it 25).
+_IDLE, _HEAD, _BODY, _DONE = Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.DONE
+
+
 class Answer:
     """A response's head as parsed: status, reason, headers, body (None for none), and
     whether the origin keeps the connection open after it."""
@@ -65,7 +70,7 @@ class OriginConnection(asyncio.Protocol):
         self.should_close = False
         self.answered = False  # a byte of the current exchange's answer has arrived
         self._ours = False  # the proxy closed the connection, not the origin
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = False  # the request was HEAD
         self._answer: asyncio.Future[Answer] | None = None
@@ -101,7 +106,7 @@ class OriginConnection(asyncio.Protocol):
         """Before a request is written: the future of its response's head."""
         self._head_only = method == "HEAD"
         self.answered = False
-        self.phase = Phase.HEAD
+        self.phase = _HEAD
         self._tail = b""
         self._head_fed = 0
         self._body = None
@@ -111,7 +116,7 @@ class OriginConnection(asyncio.Protocol):
     @property
     def finished(self) -> bool:
         """The response was read to its end."""
-        return self.phase is Phase.DONE
+        return self.phase is _DONE
 
     def start_timeout(self) -> None:
         """The request is sent: from now on, `read_timeout` without a byte is a failure."""
@@ -132,7 +137,7 @@ class OriginConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._timing or self.transport is None or self.phase not in (Phase.HEAD, Phase.BODY):
+        if not self._timing or self.transport is None or self.phase not in (_HEAD, _BODY):
             self._timing = False
             return
         now = self._loop.time()
@@ -158,7 +163,7 @@ class OriginConnection(asyncio.Protocol):
         try:
             while data:
                 phase = self.phase
-                if phase is Phase.HEAD and self._head_only:
+                if phase is _HEAD and self._head_only:
                     # fed up to the head's end and no further: a HEAD's answer ends there
                     piece, data, self._tail = cut_at_head_end(self._tail, data)
                     self._guard_head(len(piece))
@@ -166,10 +171,10 @@ class OriginConnection(asyncio.Protocol):
                     self._parser.feed_data(piece)
                     if self.finished:
                         self._parser = httptools.HttpResponseParser(self)
-                elif phase is Phase.HEAD or phase is Phase.BODY:
+                elif phase is _HEAD or phase is _BODY:
                     self._feeding = len(data)
                     self._parser.feed_data(data)
-                    if self.phase is Phase.HEAD:
+                    if self.phase is _HEAD:
                         self._guard_head(len(data))  # all of it was head: bounded
                     data = b""
                 else:
@@ -214,20 +219,20 @@ class OriginConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if exc is None and not self._ours and self.phase is Phase.BODY and self._body is not None \
+        if exc is None and not self._ours and self.phase is _BODY and self._body is not None \
                 and self._until_close():
             self._body.end()  # a body with neither length nor chunks ends at a clean close
-            self.phase = Phase.DONE
+            self.phase = _DONE
         error = Disconnected("the origin closed the connection" if exc is None else
                              f"the connection to the origin failed: {exc}", reset=isinstance(exc, OSError))
         self.drain.lost(error)
-        if self.phase in (Phase.HEAD, Phase.BODY):
+        if self.phase in (_HEAD, _BODY):
             self.fail(error)
 
     # --- parser callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.phase is not Phase.HEAD:
+        if self.phase is not _HEAD:
             raise BadResponse("bytes from the origin that answer no request")
         self._reason = b""
         self._headers = []
@@ -236,7 +241,7 @@ class OriginConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.phase is Phase.HEAD:
+        if self.phase is _HEAD:
             self._headers.append((name, value))
         # else a trailer: dropped, so that it never becomes a header of any message
 
@@ -257,9 +262,9 @@ class OriginConnection(asyncio.Protocol):
         body = None
         if not self._head_only and status not in NO_BODY:
             body = self._body = Body(self._loop, self._pause, self._resume)
-            self.phase = Phase.BODY
+            self.phase = _BODY
         else:
-            self.phase = Phase.DONE
+            self.phase = _DONE
             self._timing = False
         if not keep_alive:
             self.should_close = True
@@ -272,12 +277,12 @@ class OriginConnection(asyncio.Protocol):
             self._body.feed(data)
 
     def on_message_complete(self) -> None:
-        if self.phase is Phase.HEAD:
+        if self.phase is _HEAD:
             self._head_fed = 0
             return  # an interim answer ended
         if self._body is not None:
             self._body.end()
-        self.phase = Phase.DONE
+        self.phase = _DONE
         self._timing = False
 
     # --- reading pauses ---------------------------------------------------------------------

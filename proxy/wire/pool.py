@@ -81,10 +81,11 @@ class Response:
         # An answer without a body (HEAD, 204, 304) ends at its head: a body its origin sends
         # anyway would be read as the next request's answer, another client's, so that
         # connection is not reused.
+        writer = self._writer
         reusable = (self._keep and self._proto.finished and self.body is not None and self.body.at_eof
-                    and self._writer_done())
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()  # answered before the upload ended: the rest is not sent
+                    and (writer is None or self._writer_done()))
+        if writer is not None and not writer.done():
+            writer.cancel()  # answered before the upload ended: the rest is not sent
         self._pool._give_back(self._proto, reusable)
 
     def close(self) -> None:

@@ -54,6 +54,11 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# The members under module-level names, for the hot path: on Python 3.11 reading an Enum
+# member through its class costs about 90 ns, a global about 10 (3.12 made it 25).
+_ACTIVE = State.ACTIVE
+
+
 class Request:
     """One request as it came in, and the one way to answer it."""
 
@@ -158,9 +163,9 @@ class Request:
               chunked: bool = False, dated: bool = False) -> bytes:
         self._started = True
         conn = self._conn
-        if conn.state is not State.ACTIVE or not (conn.reading_on or conn.queued):
+        if conn.state is not _ACTIVE or not (conn.reading_on or conn.queued):
             self.keep_alive = False  # nothing more will be read, and nothing waits for an answer
-        elif self.body_withheld:
+        elif self.body is not None and self.body_withheld:
             # answered before the body it held back: it will not come, so the connection
             # cannot be reused, and the client is told so (RFC 9110 §10.1.1)
             self.keep_alive = False
