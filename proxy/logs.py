@@ -274,7 +274,7 @@ def access_logger(redactor: Redactor, route: str | None = None) -> AccessLog | N
                duration_ms: float, replayed: bool, request_id: str) -> None:
         write(
             f'{{"method": {_json_str(method)}, "path": {_json_str(scrub(path))}, '
-            f'"status": {int(status)}, "upstream_status": {"null" if upstream_status is None else int(upstream_status)}, '
+            f'"status": {status}, "upstream_status": {"null" if upstream_status is None else upstream_status}, '
             f'"duration_ms": {duration_ms:.3f}, "replayed": {"true" if replayed else "false"}, '
             f'"request_id": {_json_str(scrub(request_id))}, {route_field}"event": "access", "level": "info", '
             f'"timestamp": "{clock.now()}"}}'
