@@ -3,17 +3,23 @@
 The origin is a raw asyncio server on 127.0.0.1 whose behaviour on each connection a test
 scripts (read a request, answer given bytes, close, reset, stall, never read); it records
 every byte it reads and every connection it accepts. No proxy sits around the pool.
+
+Every test runs twice: against a plain-HTTP origin, and against the same origin behind TLS
+(a certificate from a trustme CA the pool trusts), so the pool's own TLS layer
+(`proxy.wire.tls`) meets every framing, close, reset and stall the plain one does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import pytest
+import trustme
 
 from proxy.wire import Pool, Response
 from proxy.wire.errors import (
@@ -122,8 +128,15 @@ class Peer:
             await asyncio.sleep(0)
 
     def close(self) -> None:
-        """A clean close (FIN)."""
+        """A clean close (FIN; over TLS, close_notify first)."""
         self.writer.close()
+
+    def truncate(self) -> None:
+        """FIN with no TLS close_notify before it (over plain HTTP, a clean close)."""
+        # through a duplicate of the descriptor: uvloop's transport sockets refuse shutdown()
+        fd = self.writer.get_extra_info("socket").fileno()
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            dup.shutdown(socket.SHUT_WR)
 
     def reset(self) -> None:
         """A reset (RST): SO_LINGER 0, then close."""
@@ -135,8 +148,20 @@ class Peer:
 Script = Callable[[Peer], Awaitable[None]]
 
 
+_CA = trustme.CA()
+_CERT = _CA.issue_cert("127.0.0.1", "localhost")
+
+
 class Origin:
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
+        #: over https: the context the pool trusts the origin's certificate with
+        self.client_tls: ssl.SSLContext | bool = False
+        self._server_tls: ssl.SSLContext | None = None
+        if tls:
+            self._server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            _CERT.configure_cert(self._server_tls)
+            self.client_tls = ssl.create_default_context()
+            _CA.configure_trust(self.client_tls)
         self.scripts: list[Script] = []  # for the connections in the order they are accepted
         self.default: Script = answer(ok(b"default"))  # for connections beyond the list
         self.peers: list[Peer] = []
@@ -150,14 +175,14 @@ class Origin:
         return len(self.peers)
 
     def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self._server_tls else 'http'}://127.0.0.1:{self.port}{path}"
 
     @property
     def host(self) -> bytes:
         return f"127.0.0.1:{self.port}".encode()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._server_tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _arrival(self, index: int) -> asyncio.Future[Peer]:
@@ -236,9 +261,9 @@ async def never_read(peer: Peer) -> None:
 MakePool = Callable[..., Pool]
 
 
-@pytest.fixture
-async def origin() -> AsyncIterator[Origin]:
-    server = Origin()
+@pytest.fixture(params=["plain", "tls"])
+async def origin(request: pytest.FixtureRequest) -> AsyncIterator[Origin]:
+    server = Origin(tls=request.param == "tls")
     await server.start()
     yield server
     await server.stop()
@@ -250,7 +275,7 @@ async def make_pool(origin: Origin) -> AsyncIterator[MakePool]:
     made: list[Pool] = []
 
     def make(path: str = "", *, limit: int = 10, read_timeout: float = READ_TIMEOUT, url: str | None = None) -> Pool:
-        pool = Pool(url or origin.url(path), tls=False, limit=limit, connect_timeout=WAIT, read_timeout=read_timeout)
+        pool = Pool(url or origin.url(path), tls=origin.client_tls, limit=limit, connect_timeout=WAIT, read_timeout=read_timeout)
         made.append(pool)
         return pool
 

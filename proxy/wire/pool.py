@@ -14,6 +14,7 @@ Invariants:
   (a keep-alive race) is sent again once, on a new connection, if its body can be re-sent
   and either it was not written at all or its method is idempotent.
 
+TLS to an https origin is the pool's own layer (`proxy.wire.tls`), not the event loop's.
 Through an egress proxy (`via`): an https origin is reached through a CONNECT tunnel
 (`proxy.wire.tunnel`), TLS inside it with the origin's name; an http origin gets its requests
 in absolute form, with Proxy-Authorization, on keep-alive connections to the proxy. Either
@@ -29,12 +30,14 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import cast
 from urllib.parse import urlsplit
 
 from proxy.wire.errors import ConnectFailed, ConnectTimeout, Disconnected, NotSent, WriteTimeout
 from proxy.wire.http import IDEMPOTENT, Headers, content_length, find, render
 from proxy.wire.origin import Answer, OriginConnection
 from proxy.wire.stream import Body
+from proxy.wire.tls import TLSLayer
 from proxy.wire.tunnel import Via, authority, open_tunnel, printable, reason_of
 
 #: seconds an idle connection is kept (origins commonly close theirs after 60-75 s)
@@ -152,13 +155,18 @@ class Pool:
         def factory() -> OriginConnection:
             return OriginConnection(loop, self._read_timeout, via=self._via_name)
 
+        def tls_factory() -> TLSLayer:
+            assert self._ssl is not None
+            return TLSLayer(loop, factory(), self._ssl, self._host)
+
         try:
             async with asyncio.timeout(self._connect_timeout):  # connect, CONNECT and TLS, all of it
                 if via is None:
-                    _, proto = await loop.create_connection(
-                        factory, self._host, self._port,
-                        ssl=self._ssl, server_hostname=self._host if self._ssl else None,
-                    )
+                    if self._ssl is None:
+                        _, proto = await loop.create_connection(factory, self._host, self._port)
+                    else:
+                        _, layer = await loop.create_connection(tls_factory, self._host, self._port)
+                        proto = await _handshake(layer)
                 elif self._ssl is None:  # http: requests go to the proxy in absolute form
                     try:
                         _, proto = await loop.create_connection(factory, via.host, via.port)
@@ -168,11 +176,11 @@ class Pool:
                 else:  # https: TLS with the origin, inside a tunnel through the proxy
                     sock = await open_tunnel(loop, via, self._host, self._port)
                     try:
-                        _, proto = await loop.create_connection(
-                            factory, sock=sock, ssl=self._ssl, server_hostname=self._host)
+                        _, layer = await loop.create_connection(tls_factory, sock=sock)
                     except BaseException:
-                        sock.close()  # a failed handshake may leave it to us
+                        sock.close()
                         raise
+                    proto = await _handshake(layer)
         except TimeoutError:
             raise ConnectTimeout(
                 f"no connection to {self.host_header}{through} within {self._connect_timeout:g} s") from None
@@ -217,8 +225,8 @@ class Pool:
 
     async def close(self) -> None:
         """Close the idle connections, and return once they are closed (their
-        upstream_connection_closed logged), at most CLOSE_WAIT later: a TLS close waits for
-        the origin's close_notify. Connections in use close when their responses are done."""
+        upstream_connection_closed logged), at most CLOSE_WAIT later. Connections in use close
+        when their responses are done."""
         self._closed = True
         closing = []
         while self._idle:
@@ -343,6 +351,17 @@ class Pool:
             proto.fail(exc if isinstance(exc, Exception) else Disconnected("the request body was aborted"))
             proto.abort()
             raise
+
+
+async def _handshake(layer: TLSLayer) -> OriginConnection:
+    """The origin's protocol once TLS is up; on a failure or a timeout the socket goes."""
+    try:
+        await layer.ready
+    except BaseException:
+        layer.ready.cancel()  # given up on (a timeout): a failure after this is nobody's to hear
+        layer.abort()
+        raise
+    return cast(OriginConnection, layer.app)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
