@@ -9,6 +9,7 @@ a test sees what TLS itself says (a close_notify, or none) and can put raw bytes
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,6 +18,8 @@ import trustme
 
 from proxy.wire import Pool
 from proxy.wire.errors import ConnectFailed, ConnectTimeout, Disconnected
+from proxy.wire.origin import OriginConnection
+from proxy.wire.tls import TLSLayer
 from tests.test_wire_pool import MiB, WAIT, Origin, Peer, chunks, ok, read_body, send
 
 _CA = trustme.CA()
@@ -282,3 +285,37 @@ async def test_a_large_upload_and_answer_cross_whole(bio_origin: BioOrigin, pool
     response = await send(pool, "GET", "/down")
     assert await read_body(response) == answer
     response.release()
+
+
+async def test_a_bug_in_the_protocols_connection_made_is_heard_at_once(
+        bio_origin: BioOrigin, pools: Callable[..., Pool], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: OriginConnection, transport: asyncio.BaseTransport) -> None:
+        raise RuntimeError("a bug in connection_made")
+
+    monkeypatch.setattr(OriginConnection, "connection_made", broken)
+    pool = pools(f"https://127.0.0.1:{bio_origin.port}", connect_timeout=WAIT)
+    # the bug itself, at once: not a ConnectTimeout WAIT seconds later
+    with pytest.raises(RuntimeError, match="a bug in connection_made"):
+        await asyncio.wait_for(pool.send("GET", "/", [], None), WAIT / 2)
+    await asyncio.wait_for(bio_origin.finished.wait(), WAIT)  # and the socket went
+
+
+async def test_a_handshake_nobody_waits_for_any_more_is_no_error() -> None:
+    # the pool gave up (its connect timeout) as the socket went: nobody hears `ready` fail,
+    # and the loop must not report "Future exception was never retrieved"
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        layer = TLSLayer(loop, asyncio.Protocol(), client_context(), "127.0.0.1")
+        layer.connection_lost(None)  # before any handshake
+        assert isinstance(layer.ready.exception(), ConnectionResetError)
+        layer = TLSLayer(loop, asyncio.Protocol(), client_context(), "127.0.0.1")
+        layer.connection_lost(None)
+        del layer  # this one never looked at
+        gc.collect()
+        await asyncio.sleep(0)
+        assert reported == []
+    finally:
+        loop.set_exception_handler(previous)

@@ -11,13 +11,16 @@ once, and flow control is the socket's.
 `TLSLayer` is the socket's protocol and the origin protocol's transport. Invariants:
 - the origin protocol's `connection_made` comes only after a verified handshake; a failed
   one fails `ready` with the ssl module's error (an OSError) and closes the socket;
-- decrypted bytes reach the protocol in order; a read that would only say "no more bytes
-  yet" is not made (the ssl module raises for it, which costs more than the read);
+- decrypted bytes reach the protocol in order; once everything received is decrypted, no
+  further read is made that would only say "no more bytes yet" (the ssl module raises for
+  it, which costs more than the read);
+- `read_timeout` above counts decrypted bytes: a record dripped slower than it would time
+  out although bytes arrive (as with the event loop's TLS transport);
 - an end without the origin's close_notify is a truncation: the protocol's
   `connection_lost` hears a ConnectionResetError, so a body that ends at close is never taken
   as whole (RFC 9112 §9.8); a close_notify is a clean close;
-- once `close()` or `abort()` is called, nothing more reaches the protocol but
-  `connection_lost`.
+- once `close()` or `abort()` is called, no more bytes reach the protocol, only
+  `connection_lost` (and the socket's write pauses, which touch nothing but its Drain).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class TLSLayer(asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         #: done once the handshake is: its result, or why it failed
         self.ready: asyncio.Future[None] = loop.create_future()
+        # a failure nobody waits for any more (the pool gave up on a timeout) is not an error
+        self.ready.add_done_callback(_retrieve)
         self._handshaking = True
         self._connected = False  # the protocol's connection_made was called
         self._closing = False
@@ -73,11 +78,11 @@ class TLSLayer(asyncio.Protocol):
         self._handshaking = False
         if exc is None:
             exc = self._failure
-        if not self._connected:  # the handshake never ended, or failed
+        if not self.ready.done():  # the handshake never ended
+            self.ready.set_exception(
+                exc if exc is not None else ConnectionResetError("the connection closed during the TLS handshake"))
+        if not self._connected:  # the protocol never saw the connection
             self._closing = True
-            if not self.ready.done():
-                self.ready.set_exception(
-                    exc if exc is not None else ConnectionResetError("the connection closed during the TLS handshake"))
             return
         if exc is None and not self._close_notified and not self._closing:
             exc = ConnectionResetError("the origin ended the connection without a TLS close_notify")
@@ -169,7 +174,13 @@ class TLSLayer(asyncio.Protocol):
             raw.write(self._outgoing.read())
         self._handshaking = False
         self._connected = True
-        self.app.connection_made(self)  # type: ignore[arg-type]  # a transport in all but name
+        try:
+            self.app.connection_made(self)  # type: ignore[arg-type]  # a transport in all but name
+        except Exception as exc:  # a bug: the pool hears it now, not at its connect timeout
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+            self.abort()
+            return
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -203,3 +214,7 @@ class TLSLayer(asyncio.Protocol):
         if self._raw is not None:
             self._raw.abort()
 
+
+def _retrieve(ready: asyncio.Future[None]) -> None:
+    if not ready.cancelled():
+        ready.exception()
