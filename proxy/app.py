@@ -309,6 +309,8 @@ class Proxy:
         results = await asyncio.gather(*(cache.refresh_now() for cache, _ in self._caches.values()),
                                        return_exceptions=True)
         for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                continue  # shutdown stopped the fetch: nothing failed
             if isinstance(result, BaseException):  # already logged as token_refresh_failed
                 log.error("reload_failed", reason=getattr(result, "kind", type(result).__name__))
             else:
@@ -416,4 +418,7 @@ async def serve(proxy: Proxy, *, started: Callable[[Proxy], None] | None = None)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        for task in reloads:  # a reload under way when shutdown came: over, not failed
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
         await proxy.stop()

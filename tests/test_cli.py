@@ -136,6 +136,21 @@ async def test_failed_sighup_keeps_the_current_token(command: MakeCommand, fake:
     assert await cmd.wait() == 0
 
 
+async def test_sighup_during_shutdown_is_no_failure(command: MakeCommand, fake: FakeNdovu) -> None:
+    cmd = await command("serve", env=proxy_env(fake)).start()
+    await cmd.listening()
+    await cmd.event("token_acquired")
+    gate = fakes.Gate()
+    fake.auth_faults = [gate]
+    cmd.signal(signal.SIGHUP)
+    await gate.reached.wait()  # the reload's token call is under way ...
+    cmd.signal(signal.SIGTERM)  # ... when shutdown comes
+    assert await cmd.wait() == 0
+    gate.release.set()
+    output = cmd.output()
+    assert '"reload"' in output and "reload_failed" not in output and "Traceback" not in output
+
+
 async def test_logs_are_json_lines_on_stderr_and_never_hold_credentials(command: MakeCommand, fake: FakeNdovu) -> None:
     cmd = await command("serve", env=proxy_env(fake)).start()
     address, _ = await cmd.listening()
