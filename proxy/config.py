@@ -322,8 +322,8 @@ def effective(
     """Every setting as (value, source), validated as `load` validates (raising the same
     `ConfigErrors`). Secrets show as `<set>`; a password in a URL as `<set>` in its place.
     `flag_names` renames `flag KEY` sources to the flag as typed (`flag --upstream`). With
-    `routes:`, each route's own keys follow as `routes[NAME].KEY`; the egress proxy variables
-    that are set show as `env.NAME`."""
+    `routes:`, each route's own keys follow as `routes[NAME].KEY`, and the top-level `listen`
+    (unused then) is left out; the egress proxy variables that are set show as `env.NAME`."""
     flag_names = flag_names or {}
     errors = _Collector()
     merged = _merge(flags, environ, errors)
@@ -334,6 +334,8 @@ def effective(
         out["config"] = (path, f"flag {flag_names.get('config', 'config')}" if flags.get("config")
                          else f"env {CONFIG_ENV}")
     for key in DEFAULTS:
+        if key == "listen" and merged.routes:
+            continue  # each route listens where its own line says; no listen of the top level is used
         value, where = raw[key], source[key]
         if where.startswith("flag "):
             where = f"flag {flag_names.get(key, key)}"

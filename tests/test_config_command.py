@@ -109,6 +109,8 @@ async def test_config_shows_each_routes_own_keys_and_the_egress_variables(comman
     assert await cmd.run() == 0, cmd.output()
     by_key = lines_by_key(cmd.stdout)
     assert by_key["routes[prod].listen"] == f"routes[prod].listen = 127.0.0.1:8080  # file {path} via ${{PORT}}"
+    assert "listen" not in by_key  # the routes listen, not the top level: no line says otherwise
+    assert "admin_listen" in by_key
     assert by_key["routes[prod].auth.client_secret"] == f"routes[prod].auth.client_secret = <set>  # file {path}"
     assert by_key["routes[dev].upstream.proxy"] == f"routes[dev].upstream.proxy = direct  # file {path}"
     # the lower-case variable wins, as curl reads them; its password is masked
