@@ -56,10 +56,15 @@ ADMIN_DRAIN = 1.0
 
 
 def tls_context(upstream: UpstreamSettings) -> ssl.SSLContext | bool:
+    """What the upstream's certificate is verified with: the system's CAs, and `ca_file` as
+    well when set (an extra bundle, as SPEC says: `create_default_context(cafile=...)` alone
+    would trust that file only)."""
     if not upstream.tls_verify:
         return False
     if upstream.ca_file:
-        return ssl.create_default_context(cafile=upstream.ca_file)
+        context = ssl.create_default_context()
+        context.load_verify_locations(cafile=upstream.ca_file)
+        return context
     return True
 
 

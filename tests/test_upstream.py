@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import ssl
 import subprocess
@@ -10,8 +11,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 
+from proxy.app import make_upstream
+from proxy.config import UpstreamSettings
 from tests import fakes
 from tests.conftest import StartProxy, url
 from tests.fakes import FakeNdovu
@@ -224,3 +228,37 @@ async def test_a_pooled_connection_reset_before_any_answer_is_retried_only_when_
         for writer in writers:  # from 3.12 on, wait_closed waits for every connection too
             writer.transport.abort()
         await server.wait_closed()
+
+
+async def test_ca_file_is_trusted_besides_the_systems_cas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "the system's CAs" are what OpenSSL's SSL_CERT_FILE names: one CA there, another in
+    # ca_file, and an origin signed by each; both verify
+    system_ca, extra_ca = trustme.CA(), trustme.CA()
+    system_pem, extra_pem = tmp_path / "system.pem", tmp_path / "extra.pem"
+    system_ca.cert_pem.write_to_path(str(system_pem))
+    extra_ca.cert_pem.write_to_path(str(extra_pem))
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_pem))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    for ca in (system_ca, extra_ca):
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        settings = UpstreamSettings(url=f"https://127.0.0.1:{port}", connect_timeout=5, read_timeout=5, tls_verify=True,
+                                    ca_file=str(extra_pem), max_connections=1)
+        pool = make_upstream(settings)
+        try:
+            response = await pool.send("GET", "/", [], None)
+            assert response.status == 200
+            response.close()
+        finally:
+            await pool.close()
+            server.close()
+            await server.wait_closed()
