@@ -62,6 +62,9 @@ _KEEP, _DROP, _CONNECTION, _LOCATION = range(4)
 #: names remembered per direction; past it the memo starts again, so a client sending
 #: endless new names costs only the work done without one
 _MEMO_SIZE = 1024
+#: the longest name remembered: real ones are short, and 1024 names of 64 KiB (a head's
+#: limit) would hold 64 MiB
+_MEMO_NAME = 64
 
 
 class _Rules:
@@ -83,10 +86,11 @@ class _Rules:
             verdict = _DROP
         else:
             verdict = _LOCATION if low in self._locations else _KEEP
-        memo = self.memo
-        if len(memo) >= _MEMO_SIZE:
-            memo.clear()
-        memo[name] = verdict
+        if len(name) <= _MEMO_NAME:
+            memo = self.memo
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[name] = verdict
         return verdict
 
 

@@ -86,7 +86,7 @@ class Response:
         # connection is not reused.
         writer = self._writer
         reusable = (self._keep and self._proto.finished and self.body is not None and self.body.at_eof
-                    and (writer is None or self._writer_done()))
+                    and (writer is None or _wrote_whole(writer)))
         if writer is not None and not writer.done():
             writer.cancel()  # answered before the upload ended: the rest is not sent
         self._pool._give_back(self._proto, reusable)
@@ -100,9 +100,6 @@ class Response:
             self._writer.cancel()
         self._pool._give_back(self._proto, False)
 
-    def _writer_done(self) -> bool:
-        return self._writer is None or (self._writer.done() and not self._writer.cancelled()
-                                        and self._writer.exception() is None)
 
 
 class Pool:
@@ -362,6 +359,11 @@ async def _handshake(layer: TLSLayer) -> OriginConnection:
         layer.abort()
         raise
     return cast(OriginConnection, layer.app)
+
+
+def _wrote_whole(writer: asyncio.Task[None]) -> bool:
+    """The body writer ended, having sent the whole body."""
+    return writer.done() and not writer.cancelled() and writer.exception() is None
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

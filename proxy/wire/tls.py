@@ -14,8 +14,8 @@ once, and flow control is the socket's.
 - decrypted bytes reach the protocol in order; once everything received is decrypted, no
   further read is made that would only say "no more bytes yet" (the ssl module raises for
   it, which costs more than the read);
-- `read_timeout` above counts decrypted bytes: a record dripped slower than it would time
-  out although bytes arrive (as with the event loop's TLS transport);
+- the origin protocol's `read_timeout` counts decrypted bytes: a record dripped slower than
+  it would time out although bytes arrive (as with the event loop's TLS transport);
 - an end without the origin's close_notify is a truncation: the protocol's
   `connection_lost` hears a ConnectionResetError, so a body that ends at close is never taken
   as whole (RFC 9112 §9.8); a close_notify is a clean close;
@@ -49,7 +49,7 @@ class TLSLayer(asyncio.Protocol):
         # a failure nobody waits for any more (the pool gave up on a timeout) is not an error
         self.ready.add_done_callback(_retrieve)
         self._handshaking = True
-        self._connected = False  # the protocol's connection_made was called
+        self._connected = False  # the protocol's connection_made was called, and returned
         self._closing = False
         self._close_notified = False  # the origin ended TLS properly
         self._failure: ssl.SSLError | None = None  # why TLS failed after the handshake
@@ -142,12 +142,7 @@ class TLSLayer(asyncio.Protocol):
             self._raw.resume_reading()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "ssl_object":
-            return self._ssl
-        if name == "peercert":
-            return self._ssl.getpeercert()
-        if name == "cipher":
-            return self._ssl.cipher()
+        """The socket's (peername, sockname, socket)."""
         return self._raw.get_extra_info(name, default) if self._raw is not None else default
 
     # --- TLS ----------------------------------------------------------------------------------
@@ -173,7 +168,6 @@ class TLSLayer(asyncio.Protocol):
         if self._outgoing.pending:
             raw.write(self._outgoing.read())
         self._handshaking = False
-        self._connected = True
         try:
             self.app.connection_made(self)  # type: ignore[arg-type]  # a transport in all but name
         except Exception as exc:  # a bug: the pool hears it now, not at its connect timeout
@@ -181,6 +175,7 @@ class TLSLayer(asyncio.Protocol):
                 self.ready.set_exception(exc)
             self.abort()
             return
+        self._connected = True
         if not self.ready.done():
             self.ready.set_result(None)
 
