@@ -230,7 +230,8 @@ async def test_a_pooled_connection_reset_before_any_answer_is_retried_only_when_
         await server.wait_closed()
 
 
-async def test_ca_file_is_trusted_besides_the_systems_cas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_ca_file_is_trusted_besides_the_systems_cas(aiohttp_server: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # "the system's CAs" are what OpenSSL's SSL_CERT_FILE names: one CA there, another in
     # ca_file, and an origin signed by each; both verify
     system_ca, extra_ca = trustme.CA(), trustme.CA()
@@ -240,25 +241,22 @@ async def test_ca_file_is_trusted_besides_the_systems_cas(tmp_path: Path, monkey
     monkeypatch.setenv("SSL_CERT_FILE", str(system_pem))
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        writer.close()
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     for ca in (system_ca, extra_ca):
         server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1").configure_cert(server_tls)
-        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_tls)
-        port = server.sockets[0].getsockname()[1]
-        settings = UpstreamSettings(url=f"https://127.0.0.1:{port}", connect_timeout=5, read_timeout=5, tls_verify=True,
-                                    ca_file=str(extra_pem), max_connections=1)
-        pool = make_upstream(settings)
+        app = web.Application()
+        app.router.add_get("/", ok)
+        server = await aiohttp_server(app, ssl=server_tls)
+        pool = make_upstream(UpstreamSettings(
+            url=f"https://127.0.0.1:{server.port}", connect_timeout=5, read_timeout=5, tls_verify=True,
+            ca_file=str(extra_pem), max_connections=1))
         try:
             response = await pool.send("GET", "/", [], None)
             assert response.status == 200
-            response.close()
+            assert response.body is not None and await response.body.read_all() == b"ok"
+            response.release()
         finally:
-            await pool.close()
-            server.close()
-            await server.wait_closed()
+            await pool.close()  # the idle connection, closed and waited for
